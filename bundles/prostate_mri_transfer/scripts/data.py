@@ -1,0 +1,164 @@
+"""Reading the multi-site prostate layout and turning volumes into 2D training slices.
+
+Layout (the public "multi-site prostate" copy of NCI-ISBI 2013 and I2CVB)::
+
+    dataset_dir/RUNMC/Case00.nii.gz + Case00_segmentation.nii.gz   (site A)
+    dataset_dir/BMC/...                                             (site B)
+    dataset_dir/I2CVB/...                                           (site C)
+
+``_Segmentation`` and ``.nii`` are accepted as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from monai.data import Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
+from shared_transforms.datalist import BAD_CASES_FILE, fold_datalist, scan_cases, split_cases, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SITES", "site_folder", "find_cases", "prepare_datalist", "SliceDataset"]
+
+#: site letter used in the paper -> folder name in the public layout
+SITES = {"A": "RUNMC", "B": "BMC", "C": "I2CVB"}
+_IMAGE = re.compile(r"^(?P<case>.+?)\.nii(\.gz)?$")
+_LABEL = re.compile(r"^(?P<case>.+?)_[Ss]egmentation\.nii(\.gz)?$")
+
+
+def site_folder(site: str) -> str:
+    """``"A"``/``"site_a"``/``"RUNMC"`` -> ``"RUNMC"`` (folder names are returned unchanged)."""
+    key = str(site).strip()
+    letter = key.upper().removeprefix("SITE").strip(" _-")
+    return SITES.get(letter, key)
+
+
+def find_cases(dataset_dir: str, sites: Sequence[str] | str) -> tuple[list[dict], list[dict]]:
+    """List ``{"image", "label", "case", "site"}`` dicts of the given sites.
+
+    Returns ``(cases, rejected)``; ``rejected`` holds labels without an image (a missing label is
+    reported later by the scan, which also checks readability and shapes).
+    """
+    root = Path(dataset_dir)
+    if isinstance(sites, str):
+        sites = [sites]
+    cases, rejected = [], []
+    for site in sites:
+        folder = root / site_folder(site)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"site folder not found: {folder} (expected one of {sorted(SITES.values())})")
+        images, labels = {}, {}
+        for f in sorted(folder.iterdir()):
+            if m := _LABEL.match(f.name):
+                labels[m["case"]] = str(f)
+            elif m := _IMAGE.match(f.name):
+                images[m["case"]] = str(f)
+        for case in sorted(images):
+            cases.append(
+                {"image": images[case], "label": labels.get(case), "case": f"{folder.name}/{case}", "site": folder.name}
+            )
+        for case in sorted(set(labels) - set(images)):
+            rejected.append({"case": f"{folder.name}/{case}", "file": labels[case], "reason": "no image file"})
+    if not cases:
+        raise FileNotFoundError(f"no CaseNN.nii[.gz] images under {root} for sites {list(sites)}")
+    return cases, rejected
+
+
+def prepare_datalist(
+    dataset_dir: str,
+    sites: Sequence[str] | str,
+    fold: int = 0,
+    seed: int = 0,
+    output_dir: str | None = None,
+    test_fraction: float = 0.2,
+    n_folds: int = 5,
+) -> dict[str, list]:
+    """Scan, clean and split the dataset; write ``datalist.json`` and ``bad_cases.json``.
+
+    The split is per patient and per site (a site's test cases do not depend on which other
+    sites are merged in), 20% test and ``n_folds`` folds on the rest, deterministic for ``seed``.
+
+    Returns:
+        ``{"training", "validation", "test", "bad_cases"}``.
+    """
+    cases, rejected = find_cases(dataset_dir, sites)
+    good, bad = scan_cases(cases, known_bad=rejected)
+    split = split_cases(good, test_fraction=test_fraction, n_folds=n_folds, seed=seed, group_key="site")
+    datalist = {**fold_datalist(split, fold), "bad_cases": bad}
+    logger.info(
+        "datalist: %d training, %d validation, %d test cases; %d dropped",
+        len(datalist["training"]),
+        len(datalist["validation"]),
+        len(datalist["test"]),
+        len(bad),
+    )
+    if output_dir is not None:
+        meta = {"dataset_dir": str(dataset_dir), "sites": list(sites) if not isinstance(sites, str) else [sites]}
+        write_json(Path(output_dir) / "datalist.json", {**meta, "fold": fold, "seed": seed, **datalist})
+        write_json(Path(output_dir) / BAD_CASES_FILE, bad)
+    return datalist
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """2D slices of 3D cases, with the expensive volume-level work done once.
+
+    ``volume_transform`` maps one case dict to a LIST of slice dicts (it ends with
+    ``SelectSlicesd``) and must be deterministic: its results are cached on disk by a
+    ``PersistentDataset`` keyed by the case dict and the transform, so N4 runs once per
+    volume across epochs, runs and stages. ``transform`` (optional, may be random) is applied
+    to each slice at every access. A case whose volume transform fails is skipped and
+    reported in ``skipped``.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict],
+        volume_transform: Callable,
+        transform: Callable | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        if cache_dir:
+            volumes = PersistentDataset(data, volume_transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
+        else:
+            volumes = Dataset(data, volume_transform)
+        self.slices: list[dict] = []
+        self.skipped: list[dict] = []
+        start = time.perf_counter()
+        for i in range(len(volumes)):
+            try:
+                out = volumes[i]
+            except Exception as e:
+                case = data[i].get("case", data[i].get("image"))
+                logger.warning("skipping case %s: volume preprocessing failed: %s", case, e)
+                self.skipped.append({"case": case, "file": data[i].get("image"), "reason": f"preprocessing: {e}"})
+                continue
+            self.slices.extend(out if isinstance(out, list) else [out])
+            logger.info("prepared %d/%d volumes (%d slices)", i + 1, len(volumes), len(self.slices))
+        self.preparation_seconds = time.perf_counter() - start
+        self._dataset = Dataset(self.slices, transform)
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, index):
+        return self._dataset[index]
+
+    def intensity_stats(self, key: str = "image") -> dict[str, float]:
+        """Mean and std of ``key`` over every pixel of every slice (the training-set statistics)."""
+        if not self.slices:
+            raise ValueError("no slices: cannot compute intensity statistics of an empty dataset")
+        total, total_sq, count = 0.0, 0.0, 0
+        for s in self.slices:
+            x = torch.as_tensor(s[key], dtype=torch.float64)
+            total += float(x.sum())
+            total_sq += float((x * x).sum())
+            count += x.numel()
+        mean = total / count
+        std = max(total_sq / count - mean * mean, 0.0) ** 0.5
+        return {"mean": mean, "std": std}

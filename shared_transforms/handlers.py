@@ -1,0 +1,311 @@
+"""Ignite event handlers shared by the bundles' training and evaluation workflows.
+
+- :class:`ResumeCheckpoint`: atomically saves the full training state every epoch and
+  resumes from it when the run starts again.
+- :class:`LearningCurves`: per-epoch training loss / validation metric / learning rate to
+  CSV and a PNG plot.
+- :class:`SegmentationReport`: per-case Dice and IoU (%) of binary predictions to CSV,
+  JSON and Markdown, plus PNG overlays of a few slices.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from shared_transforms.datalist import write_json
+
+__all__ = ["ResumeCheckpoint", "LearningCurves", "SegmentationReport", "atomic_torch_save"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _unwrap(obj: Any) -> Any:
+    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
+
+
+class ResumeCheckpoint:
+    """Save ``save_dict``'s state every epoch to ``path``; reload it when the run starts.
+
+    Args:
+        path: checkpoint file, e.g. ``models/resume/checkpoint.pt`` (auxiliary files live in
+            subfolders of ``models/`` so MONAI Label does not offer them as the model).
+        save_dict: objects with ``state_dict``/``load_state_dict``: network, optimizer,
+            lr scheduler and the trainer itself (for epoch and iteration).
+        resume: when True and ``path`` exists, training continues from the saved epoch.
+        fingerprint: a string naming the run (stage, data, fold...). A checkpoint written by a
+            run with another fingerprint (e.g. the source stage of a fine-tuning chain sharing
+            ``models/``) is not resumed from; it is overwritten.
+
+    Only rank 0 writes under DDP; every rank loads. Loading uses ``weights_only=True``.
+    """
+
+    def __init__(self, path: str, save_dict: Mapping[str, Any], resume: bool = True, fingerprint: str = "") -> None:
+        self.path = Path(path)
+        self.save_dict = dict(save_dict)
+        self.resume = resume
+        self.fingerprint = str(fingerprint)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def load(self, engine) -> None:
+        if not (self.resume and self.path.is_file()):
+            return
+        from ignite.handlers import Checkpoint
+
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        saved_fingerprint = state.pop("fingerprint", "")
+        if saved_fingerprint != self.fingerprint:
+            logger.warning("not resuming from %s: it belongs to another run (%s)", self.path, saved_fingerprint)
+            return
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load={k: _unwrap(v) for k, v in self.save_dict.items()}, checkpoint=state)
+        engine.state.max_epochs = max_epochs  # a resumed run may be asked for more epochs than the first
+        logger.info(
+            "resumed from %s at epoch %d (iteration %d)", self.path, engine.state.epoch, engine.state.iteration
+        )
+
+    def save(self, engine) -> None:
+        if _is_main_process():
+            state = {k: _unwrap(v).state_dict() for k, v in self.save_dict.items()}
+            atomic_torch_save({**state, "fingerprint": self.fingerprint}, self.path)
+
+
+class LearningCurves:
+    """Write ``learning_curves.csv`` and ``learning_curves.png`` after every training epoch.
+
+    Args:
+        output_dir: where the two files go.
+        evaluator: the validation engine; its ``metric_name`` is read after each epoch.
+        metric_name: key of the validation metric in ``evaluator.state.metrics``.
+        optimizer: to log the learning rate of the first parameter group.
+    """
+
+    def __init__(self, output_dir: str, evaluator=None, metric_name: str | None = None, optimizer=None) -> None:
+        self.output_dir = Path(output_dir)
+        self.evaluator = evaluator
+        self.metric_name = metric_name
+        self.optimizer = optimizer
+        self.rows: list[dict] = []
+        self._losses: list[float] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._record_loss)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _record_loss(self, engine) -> None:
+        out = engine.state.output
+        out = out[0] if isinstance(out, list) and out else out
+        loss = out.get("loss") if isinstance(out, Mapping) else out
+        if loss is not None:
+            self._losses.append(float(loss))
+
+    def _epoch_completed(self, engine) -> None:
+        row = {"epoch": engine.state.epoch, "train_loss": float(np.mean(self._losses)) if self._losses else math.nan}
+        self._losses = []
+        if self.evaluator is not None and self.metric_name:
+            row[f"val_{self.metric_name}"] = float(self.evaluator.state.metrics.get(self.metric_name, math.nan))
+        if self.optimizer is not None:
+            row["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        self.rows.append(row)
+        if _is_main_process():
+            self.write()
+
+    def write(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "learning_curves.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[-1]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in self.rows]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(epochs, [r["train_loss"] for r in self.rows], "o-", label="training loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        val_key = f"val_{self.metric_name}" if self.metric_name else None
+        if val_key and val_key in self.rows[-1]:
+            ax2 = ax.twinx()
+            ax2.plot(epochs, [r[val_key] for r in self.rows], "s-", color="tab:orange", label=f"validation {self.metric_name}")
+            ax2.set_ylabel(f"validation {self.metric_name}")
+            ax2.legend(loc="lower right")
+        ax.legend(loc="upper right")
+        ax.set_title("learning curves")
+        fig.tight_layout()
+        fig.savefig(self.output_dir / "learning_curves.png", dpi=100)
+        plt.close(fig)
+
+
+def save_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, path: str | os.PathLike, title: str = "") -> None:
+    """PNG of a 2D image with the ground truth (green) and prediction (red) contours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(np.asarray(image).T, cmap="gray", origin="lower")
+    if label is not None and np.any(label):
+        ax.contour(np.asarray(label).T, levels=[0.5], colors="lime", linewidths=1.2)
+    if np.any(pred):
+        ax.contour(np.asarray(pred).T, levels=[0.5], colors="red", linewidths=1.2)
+    ax.set_title(title or "green: ground truth, red: prediction", fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def dice_iou(tp: float, fp: float, fn: float) -> tuple[float, float]:
+    """Dice and IoU from pixel counts; both 1 when prediction and truth are empty."""
+    if tp + fp + fn == 0:
+        return 1.0, 1.0
+    return 2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
+
+
+class SegmentationReport:
+    """Per-case Dice/IoU (%) of binary 2D predictions, pixel-wise over all of a case's slices.
+
+    Reads the evaluator's decollated output items (``pred``, ``label``, ``image`` and a
+    ``case_key`` entry). At the end writes ``metrics.csv`` (one row per case),
+    ``metrics.json`` (mean/std over cases and pooled over all pixels) and ``metrics.md``
+    into ``output_dir``, and ``overlays/*.png`` for the ``num_overlays`` slices with the
+    largest ground truth of distinct cases.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        case_key: str = "case",
+        pred_key: str = "pred",
+        label_key: str = "label",
+        image_key: str = "image",
+        num_overlays: int = 4,
+        prefix: str = "",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.case_key, self.pred_key, self.label_key, self.image_key = case_key, pred_key, label_key, image_key
+        self.num_overlays = num_overlays
+        self.prefix = prefix
+        self.counts: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(4))  # tp, fp, fn, slices
+        self._best_slice: dict[str, tuple[float, dict]] = {}
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine=None) -> None:
+        self.counts.clear()
+        self._best_slice.clear()
+
+    @staticmethod
+    def _np(x) -> np.ndarray:
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    def update(self, engine) -> None:
+        items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for item in items:
+            pred = self._np(item[self.pred_key])[0] > 0.5
+            label = self._np(item[self.label_key])[0] > 0.5
+            case = str(item.get(self.case_key, "unknown"))
+            tp = float(np.logical_and(pred, label).sum())
+            fp = float(np.logical_and(pred, ~label).sum())
+            fn = float(np.logical_and(~pred, label).sum())
+            self.counts[case] += (tp, fp, fn, 1)
+            area = float(label.sum())
+            if area > self._best_slice.get(case, (-1.0, None))[0]:
+                image = self._np(item[self.image_key])[0] if self.image_key in item else pred.astype(float)
+                self._best_slice[case] = (area, {"image": image, "label": label, "pred": pred, "tp": tp, "fp": fp, "fn": fn})
+
+    def summary(self) -> dict[str, Any]:
+        rows = []
+        for case in sorted(self.counts):
+            tp, fp, fn, n = self.counts[case]
+            dice, iou = dice_iou(tp, fp, fn)
+            rows.append({"case": case, "slices": int(n), "dice": 100 * dice, "iou": 100 * iou})
+        total = np.sum([self.counts[c] for c in self.counts], axis=0) if rows else np.zeros(4)
+        pooled_dice, pooled_iou = dice_iou(*total[:3])
+        dices, ious = [r["dice"] for r in rows], [r["iou"] for r in rows]
+        return {
+            "cases": rows,
+            "n_cases": len(rows),
+            "mean_dice": float(np.mean(dices)) if rows else math.nan,
+            "std_dice": float(np.std(dices)) if rows else math.nan,
+            "mean_iou": float(np.mean(ious)) if rows else math.nan,
+            "std_iou": float(np.std(ious)) if rows else math.nan,
+            "pooled_dice": 100 * pooled_dice,
+            "pooled_iou": 100 * pooled_iou,
+        }
+
+    def write(self, engine=None) -> dict[str, Any]:
+        result = self.summary()
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"{self.prefix}metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["case", "slices", "dice", "iou"])
+            writer.writeheader()
+            for r in result["cases"]:
+                writer.writerow({**r, "dice": f"{r['dice']:.2f}", "iou": f"{r['iou']:.2f}"})
+        write_json(out / f"{self.prefix}metrics.json", result)
+        lines = ["| case | slices | Dice % | IoU % |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['case']} | {r['slices']} | {r['dice']:.2f} | {r['iou']:.2f} |" for r in result["cases"]]
+        lines.append(
+            f"| **mean ± std** | | {result['mean_dice']:.2f} ± {result['std_dice']:.2f} | "
+            f"{result['mean_iou']:.2f} ± {result['std_iou']:.2f} |"
+        )
+        lines.append(f"| pooled (all pixels) | | {result['pooled_dice']:.2f} | {result['pooled_iou']:.2f} |")
+        (out / f"{self.prefix}metrics.md").write_text("\n".join(lines) + "\n")
+        overlay_dir = out / "overlays"
+        overlay_dir.mkdir(exist_ok=True)
+        chosen = sorted(self._best_slice.items(), key=lambda kv: -kv[1][0])[: self.num_overlays]
+        for case, (_, s) in chosen:
+            dice, _ = dice_iou(s["tp"], s["fp"], s["fn"])
+            name = case.replace("/", "_").replace(os.sep, "_")
+            save_overlay(s["image"], s["label"], s["pred"], overlay_dir / f"{name}.png", f"{case}  slice Dice {100 * dice:.1f}%")
+        logger.info(
+            "%d cases: Dice %.2f ± %.2f %%, IoU %.2f ± %.2f %% -> %s",
+            result["n_cases"], result["mean_dice"], result["std_dice"], result["mean_iou"], result["std_iou"], out,
+        )
+        return result

@@ -1,0 +1,195 @@
+"""End-to-end tests of bundles/prostate_mri_transfer through the documented MONAI CLI.
+
+Every run happens in a subprocess started from a temporary working directory, on phantoms
+written by scripts/phantoms.py in the real multi-site layout. Sizes are small (64×64
+slices, a smaller encoder, few epochs) through config overrides only.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import BUNDLES, REPO, bundle_run, make_phantoms, run
+
+BUNDLE = "prostate_mri_transfer"
+CONFIGS = BUNDLES / BUNDLE / "configs"
+# small but real: the paper's UNet++ with the smallest EfficientNet at 64×64
+SMALL = {"image_size": 64, "encoder": "efficientnet-b0", "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prostate_data")
+    return make_phantoms("prostate", root / "data", cwd=root, cases_per_site=8, shape="(64,64,12)", seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data) -> dict:
+    """One training run on RUNMC, shared by the tests that need a trained model."""
+    work = tmp_path_factory.mktemp("prostate_train")
+    proc = bundle_run(
+        BUNDLE, ["train.json"], cwd=work, run_id="training",
+        bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC"], epochs=25, **SMALL,
+    )
+    return {"work": work, "data": data, "stdout": proc.stdout + proc.stderr}
+
+
+def test_training_writes_model_logs_and_datalist(trained):
+    work = trained["work"]
+    state = torch.load(work / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert "intensity_mean" in state and "intensity_std" in state, "standardisation must be saved with the model"
+    assert float(state["intensity_std"]) > 0 and float(state["intensity_mean"]) != 0.0
+    datalist = json.loads((work / "eval" / "datalist.json").read_text())
+    ids = {k: {c["case"] for c in datalist[k]} for k in ("training", "validation", "test")}
+    assert ids["training"] and ids["validation"] and ids["test"]
+    assert not (ids["training"] & ids["test"]) and not (ids["validation"] & ids["test"])
+    assert not (ids["training"] & ids["validation"])
+    assert list((work / "eval" / "tensorboard").glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader(open(work / "eval" / "learning_curves.csv")))
+    assert len(rows) == 25 and (work / "eval" / "learning_curves.png").stat().st_size > 1000
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert (work / "models" / "resume" / "checkpoint.pt").is_file()
+
+
+def test_evaluation_learns_the_gland(trained):
+    """Learning actually happens: test Dice on held-out phantom cases > 0.8."""
+    work, data = trained["work"], trained["data"]
+    bundle_run(
+        BUNDLE, ["train.json", "evaluate.json"], cwd=work, run_id="evaluating",
+        bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC"], **SMALL,
+    )
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    test_cases = {c["case"] for c in json.loads((work / "eval" / "datalist.json").read_text())["test"]}
+    assert {r["case"] for r in metrics["cases"]} == test_cases
+    assert metrics["mean_dice"] > 80.0, metrics
+    assert 0 < metrics["mean_iou"] < metrics["mean_dice"]
+    rows = list(csv.DictReader(open(work / "eval" / "metrics.csv")))
+    assert len(rows) == len(test_cases)
+    assert list((work / "eval" / "overlays").glob("*.png"))
+
+
+def test_finetune_starts_from_source_weights_and_trains(trained, tmp_path):
+    work, data = trained["work"], trained["data"]
+    source = work / "models" / "model.pt"
+    # the fine-tuning workflow exactly as the CLI builds it: its first run step loads the source
+    check = textwrap.dedent(
+        f"""
+        import torch
+        from monai.bundle import ConfigWorkflow
+        wf = ConfigWorkflow(config_file={[str(CONFIGS / 'train.json'), str(CONFIGS / 'finetune.json')]!r},
+                            workflow_type=None, bundle_root={str(tmp_path)!r}, dataset_dir={str(data)!r},
+                            sites=['BMC'], source_ckpt={str(source)!r}, image_size=64, encoder='efficientnet-b0')
+        wf.initialize()
+        import sys; sys.path.insert(1, {str(BUNDLES / BUNDLE)!r})
+        fresh = {{k: v.clone() for k, v in wf.parser.get_parsed_content('network_def').state_dict().items()}}
+        net = wf.parser.get_parsed_content('source_weights')
+        saved = torch.load({str(source)!r}, map_location='cpu', weights_only=True)
+        loaded = net.state_dict()
+        assert loaded.keys() == saved.keys()
+        assert all(torch.equal(loaded[k], saved[k]) for k in saved), 'initial weights differ from the source'
+        assert not all(torch.equal(fresh[k], saved[k]) for k in saved), 'a fresh network already equals the source?'
+        print('INITIAL_WEIGHTS_EQUAL_SOURCE')
+        """
+    )
+    proc = run([sys.executable, "-c", check], cwd=tmp_path)
+    assert "INITIAL_WEIGHTS_EQUAL_SOURCE" in proc.stdout
+    # and the documented CLI fine-tunes on another site, writing its own checkpoint
+    ft = tmp_path / "ft"
+    proc = bundle_run(
+        BUNDLE, ["train.json", "finetune.json"], cwd=tmp_path, run_id="training",
+        bundle_root=str(ft), dataset_dir=str(data), sites=["BMC"], source_ckpt=str(source), epochs=2, **SMALL,
+    )
+    assert f"initialised the network from {source}" in proc.stdout + proc.stderr
+    tuned = torch.load(ft / "models" / "model.pt", map_location="cpu", weights_only=True)
+    original = torch.load(source, map_location="cpu", weights_only=True)
+    assert any(not torch.equal(tuned[k], original[k]) for k in original if k.endswith("weight"))
+
+
+def test_inference_keeps_shape_and_affine(trained, tmp_path):
+    work, data = trained["work"], trained["data"]
+    src = data / "BMC"  # another site, with its own spacing and orientation
+    out = tmp_path / "pred"
+    bundle_run(
+        BUNDLE, ["inference.json"], cwd=tmp_path, run_id="run",
+        bundle_root=str(work), dataset_dir=str(src), output_dir=str(out), image_size=64, encoder="efficientnet-b0",
+    )
+    inputs = sorted(p for p in src.glob("Case*.nii.gz") if "egmentation" not in p.name)
+    outputs = sorted(out.glob("*.nii.gz"))
+    assert len(outputs) == len(inputs)
+    for image in inputs:
+        pred_file = out / image.name.replace(".nii.gz", "_seg.nii.gz")
+        img, pred = nib.load(image), nib.load(pred_file)
+        assert pred.shape == img.shape
+        np.testing.assert_allclose(pred.affine, img.affine, atol=1e-5)
+        values = np.unique(np.asanyarray(pred.dataobj))
+        assert set(values.tolist()) <= {0, 1}
+
+
+def test_resume_continues_from_last_epoch(data, tmp_path):
+    args = dict(bundle_root=str(tmp_path), dataset_dir=str(data), sites=["I2CVB"], **SMALL)
+    bundle_run(BUNDLE, ["train.json"], cwd=tmp_path, run_id="training", epochs=1, **args)
+    proc = bundle_run(BUNDLE, ["train.json"], cwd=tmp_path, run_id="training", epochs=2, **args)
+    assert "resumed from" in proc.stdout + proc.stderr and "at epoch 1" in proc.stdout + proc.stderr
+    state = torch.load(tmp_path / "models" / "resume" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["trainer"]["epoch"] == 2
+
+
+def _break_dataset(data: Path, out: Path) -> dict[str, str]:
+    """A copy of RUNMC with a truncated image, a shape mismatch and a missing label."""
+    site = out / "RUNMC"
+    shutil.copytree(data / "RUNMC", site)
+    truncated = site / "Case00.nii.gz"
+    raw = truncated.read_bytes()
+    truncated.write_bytes(raw[: len(raw) // 2])
+    lbl = nib.load(site / "Case01_segmentation.nii.gz")
+    small = np.asanyarray(lbl.dataobj)[:-4]
+    nib.save(nib.Nifti1Image(small, lbl.affine), site / "Case01_segmentation.nii.gz")
+    (site / "Case02_segmentation.nii.gz").unlink()
+    return {"RUNMC/Case00": "cannot read", "RUNMC/Case01": "shape mismatch", "RUNMC/Case02": "no label"}
+
+
+def test_bad_cases_are_reported_and_skipped(data, tmp_path):
+    broken = _break_dataset(data, tmp_path / "broken")
+    with pytest.raises(Exception):  # the truncated file really is unreadable
+        np.asanyarray(nib.load(tmp_path / "broken" / "RUNMC" / "Case00.nii.gz").dataobj)
+    work = tmp_path / "work"
+    proc = bundle_run(
+        BUNDLE, ["train.json"], cwd=tmp_path, run_id="training",
+        bundle_root=str(work), dataset_dir=str(tmp_path / "broken"), sites=["RUNMC"], epochs=1, n_folds=3, **SMALL,
+    )
+    report = {b["case"]: b for b in json.loads((work / "eval" / "bad_cases.json").read_text())}
+    assert set(report) == set(broken)
+    for case, reason in broken.items():
+        assert reason in report[case]["reason"]
+        assert Path(report[case]["file"]).name.startswith(case.split("/")[1])
+        assert case in proc.stdout + proc.stderr  # reported on the console too
+    datalist = json.loads((work / "eval" / "datalist.json").read_text())
+    used = {c["case"] for k in ("training", "validation", "test") for c in datalist[k]}
+    assert used == {f"RUNMC/Case{i:02d}" for i in range(3, 8)}
+    assert (work / "models" / "model.pt").is_file()
+
+
+def test_ddp_two_cpu_processes(data, tmp_path):
+    """multi_gpu_train.json under torchrun with gloo: completes and saves one checkpoint."""
+    files = json.dumps([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+        "-m", "monai.bundle", "run", "training", "--config_file", files,
+        "--bundle_root", str(tmp_path), "--dataset_dir", str(data), "--sites", "['BMC']", "--epochs", "2",
+        "--image_size", "64", "--encoder", "efficientnet-b0", "--batch_size", "4",
+    ]
+    run(cmd, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    saved = sorted(p.relative_to(tmp_path / "models") for p in (tmp_path / "models").rglob("*.pt"))
+    assert saved == [Path("model.pt"), Path("resume/checkpoint.pt")]
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state), "DDP wrapper must not leak into the saved weights"

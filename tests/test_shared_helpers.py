@@ -1,0 +1,161 @@
+"""Dataset scanning/splitting and the shared ignite handlers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from shared_transforms.datalist import fold_datalist, list_images, scan_cases, split_cases
+from shared_transforms.handlers import ResumeCheckpoint, SegmentationReport, dice_iou
+
+
+def _cases(site: str, n: int) -> list[dict]:
+    return [{"case": f"{site}/Case{i:02d}", "site": site, "image": f"{site}{i}"} for i in range(n)]
+
+
+def test_split_is_per_patient_deterministic_and_disjoint():
+    cases = _cases("A", 30) + _cases("B", 30)
+    # two files of one patient must stay together
+    cases.append({"case": "A/Case00", "site": "A", "image": "A0-second-phase"})
+    split = split_cases(cases, test_fraction=0.2, n_folds=5, seed=3, group_key="site")
+    assert split == split_cases(cases, test_fraction=0.2, n_folds=5, seed=3, group_key="site")
+    assert split != split_cases(cases, test_fraction=0.2, n_folds=5, seed=4, group_key="site")
+    test_ids = {c["case"] for c in split["test"]}
+    assert len(test_ids) == 12  # 20% of 30 patients per site
+    fold_ids = [{c["case"] for c in f} for f in split["folds"]]
+    for site in "AB":  # each site's 24 non-test patients spread evenly over the 5 folds
+        assert sorted(len({c for c in f if c.startswith(site)}) for f in fold_ids) == [4, 5, 5, 5, 5]
+    everything = set().union(*fold_ids, test_ids)
+    assert len(everything) == 60 and sum(map(len, fold_ids)) + len(test_ids) == 60
+    assert not any(test_ids & f for f in fold_ids)
+    assert all(not (fold_ids[i] & fold_ids[j]) for i in range(5) for j in range(i + 1, 5))
+    second_phase = [c for c in split["test"] + [c for f in split["folds"] for c in f] if c["case"] == "A/Case00"]
+    assert len(second_phase) == 2
+    assert len({("test" if c in split["test"] else "fold") for c in second_phase}) == 1
+    d = fold_datalist(split, 2)
+    assert {c["case"] for c in d["validation"]} == fold_ids[2]
+    assert not ({c["case"] for c in d["training"]} & fold_ids[2])
+
+
+def test_site_test_set_does_not_depend_on_merged_sites():
+    alone = split_cases(_cases("A", 20), seed=0, group_key="site")
+    merged = split_cases(_cases("A", 20) + _cases("C", 10), seed=0, group_key="site")
+    assert {c["case"] for c in alone["test"]} == {c["case"] for c in merged["test"] if c["site"] == "A"}
+
+
+def test_fold_with_too_few_patients_is_a_clear_error():
+    split = split_cases(_cases("A", 3), test_fraction=0.0, n_folds=5)
+    with pytest.raises(ValueError, match="too few patients"):
+        fold_datalist(split, 4)
+
+
+def _nii(path, shape):
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), str(path))
+    return str(path)
+
+
+def test_scan_reports_each_broken_case_and_keeps_the_rest(tmp_path):
+    good = {"case": "ok", "image": _nii(tmp_path / "a.nii.gz", (8, 8, 4)), "label": _nii(tmp_path / "a_l.nii.gz", (8, 8, 4))}
+    trunc = tmp_path / "t.nii.gz"
+    _nii(trunc, (32, 32, 16))
+    trunc.write_bytes(trunc.read_bytes()[:200])
+    truncated = {"case": "trunc", "image": str(trunc), "label": good["label"]}
+    mismatch = {"case": "mm", "image": good["image"], "label": _nii(tmp_path / "m_l.nii.gz", (8, 8, 3))}
+    unlabelled = {"case": "nolabel", "image": good["image"], "label": None}
+    kept, bad = scan_cases([truncated, good, mismatch, unlabelled])
+    assert [c["case"] for c in kept] == ["ok"]
+    by_case = {b["case"]: b for b in bad}
+    assert by_case["trunc"]["file"] == str(trunc) and "cannot read" in by_case["trunc"]["reason"]
+    assert "(8, 8, 4)" in by_case["mm"]["reason"] and "(8, 8, 3)" in by_case["mm"]["reason"]
+    assert by_case["nolabel"]["reason"] == "no label file"
+
+
+def test_list_images_only_direct_children(tmp_path):
+    _nii(tmp_path / "x.nii.gz", (4, 4, 4))
+    _nii(tmp_path / "x_segmentation.nii.gz", (4, 4, 4))
+    (tmp_path / "sub").mkdir()
+    _nii(tmp_path / "sub" / "y.nii", (4, 4, 4))
+    assert list_images(tmp_path, exclude=["_segmentation"]) == [{"image": str(tmp_path / "x.nii.gz")}]
+    with pytest.raises(FileNotFoundError, match="no "):
+        list_images(tmp_path, patterns=["*.png"])
+
+
+def test_dice_iou_by_hand():
+    assert dice_iou(3, 1, 2) == pytest.approx((6 / 9, 3 / 6))
+    assert dice_iou(0, 0, 0) == (1.0, 1.0)
+    assert dice_iou(0, 5, 0) == (0.0, 0.0)
+
+
+def test_segmentation_report_per_case_pixelwise(tmp_path):
+    def item(case, pred, label):
+        return {"case": case, "pred": torch.tensor(pred)[None].float(), "label": torch.tensor(label)[None].float(),
+                "image": torch.rand(1, 2, 3)}
+
+    # case A: two slices pooled: tp=3, fp=1, fn=1 -> Dice 6/8, IoU 3/5; case B: tp=0, fp=0, fn=2 -> 0
+    outputs = [
+        [item("A", [[1, 1, 0], [0, 0, 0]], [[1, 0, 0], [0, 0, 0]]), item("A", [[1, 1, 0], [0, 0, 0]], [[1, 1, 1], [0, 0, 0]])],
+        [item("B", [[0, 0, 0], [0, 0, 0]], [[0, 0, 0], [1, 1, 0]])],
+    ]
+    engine = Engine(lambda e, b: outputs[e.state.iteration - 1])
+    report = SegmentationReport(str(tmp_path), num_overlays=2)
+    report.attach(engine)
+    engine.run([0, 1], max_epochs=1)
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    rows = {r["case"]: r for r in result["cases"]}
+    assert rows["A"]["dice"] == pytest.approx(75.0) and rows["A"]["iou"] == pytest.approx(60.0)
+    assert rows["A"]["slices"] == 2 and rows["B"]["dice"] == 0.0
+    assert result["mean_dice"] == pytest.approx(37.5)
+    assert result["pooled_dice"] == pytest.approx(100 * 6 / 10)
+    assert [r["case"] for r in csv.DictReader(open(tmp_path / "metrics.csv"))] == ["A", "B"]
+    assert "37.50" in (tmp_path / "metrics.md").read_text()
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+
+
+def _trainer(model, opt):
+    def step(engine, batch):
+        opt.zero_grad()
+        loss = model(torch.ones(1, 2)).sum()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}
+
+    return Engine(step)
+
+
+def test_resume_checkpoint_restores_state_and_respects_fingerprint(tmp_path):
+    path = tmp_path / "resume" / "checkpoint.pt"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = _trainer(model, opt)
+    ResumeCheckpoint(str(path), {"model": model, "optimizer": opt, "trainer": first}, fingerprint="run-a").attach(first)
+    first.run([0, 0], max_epochs=2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not list(path.parent.glob("*.tmp")), "no temporary file left behind"
+
+    # a new process: fresh objects, asked for 3 epochs -> resumes at epoch 2 and runs one more
+    model2 = torch.nn.Linear(2, 1)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    second = _trainer(model2, opt2)
+    seen = {}
+    second.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.setdefault("first_epoch", e.state.epoch))
+    handler = ResumeCheckpoint(str(path), {"model": model2, "optimizer": opt2, "trainer": second}, fingerprint="run-a")
+    handler.attach(second)
+    second.add_event_handler(Events.STARTED, lambda e: seen.setdefault("weights", {k: v.clone() for k, v in model2.state_dict().items()}))
+    second.run([0, 0], max_epochs=3)
+    assert seen["first_epoch"] == 3 and second.state.iteration == 6
+    assert all(torch.equal(seen["weights"][k], saved[k]) for k in saved)
+
+    # another run's checkpoint is not resumed from
+    model3 = torch.nn.Linear(2, 1)
+    opt3 = torch.optim.SGD(model3.parameters(), lr=0.1)
+    third = _trainer(model3, opt3)
+    ResumeCheckpoint(str(path), {"model": model3, "optimizer": opt3, "trainer": third}, fingerprint="run-b").attach(third)
+    third.run([0, 0], max_epochs=1)
+    assert third.state.iteration == 2
