@@ -11,36 +11,11 @@ sizes, and prints a table of test Dice per bundle with where its outputs were wr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import fire
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _run(cmd: list[str], log_file: Path) -> None:
-    """Run a command, streaming its output to the console and to ``log_file``."""
-    print("$ " + " ".join(cmd), flush=True)
-    with open(log_file, "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=log_file.parent)
-        for line in proc.stdout:
-            log.write(line)
-            if " - INFO - " not in line or "Epoch[" in line or "metrics" in line or "Dice" in line:
-                sys.stdout.write("    " + line)
-        if proc.wait() != 0:
-            raise SystemExit(f"command failed ({proc.returncode}); full log: {log_file}")
-
-
-def _bundle_cmd(bundle: str, configs: list[str], run_id: str, **overrides) -> list[str]:
-    files = [str(REPO / "bundles" / bundle / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files[0] if len(files) == 1 else json.dumps(files)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    return cmd
+from bundle_cli import BUNDLES, bundle_cmd, make_phantoms, run_logged
 
 
 def prostate_mri_transfer(out: Path, epochs: int) -> dict:
@@ -50,13 +25,13 @@ def prostate_mri_transfer(out: Path, epochs: int) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     log = root / "quickstart.log"
     data = out / "data" / "prostate"
-    _run([sys.executable, str(REPO / "scripts" / "phantoms.py"), "prostate", str(data), "--cases_per_site", "8", "--shape", "(64,64,12)"], log)
+    make_phantoms("prostate", data, log, cases_per_site=8, shape="(64,64,12)")
     small = dict(bundle_root=str(root), dataset_dir=str(data), image_size=64, encoder="efficientnet-b0", batch_size=8)
-    _run(_bundle_cmd(bundle, ["train.json"], "training", sites=["RUNMC"], epochs=epochs, resume=False, **small), log)
-    _run(_bundle_cmd(bundle, ["train.json", "evaluate.json"], "evaluating", sites=["RUNMC"], **small), log)
+    run_logged(bundle_cmd(bundle, ["train.json"], "training", sites=["RUNMC"], epochs=epochs, resume=False, **small), log)
+    run_logged(bundle_cmd(bundle, ["train.json", "evaluate.json"], "evaluating", sites=["RUNMC"], **small), log)
     infer_out = root / "eval" / "inference"
-    _run(
-        _bundle_cmd(
+    run_logged(
+        bundle_cmd(
             bundle, ["inference.json"], "run", bundle_root=str(root), dataset_dir=str(data / "BMC"),
             output_dir=str(infer_out), image_size=64, encoder="efficientnet-b0",
         ),
@@ -89,7 +64,7 @@ def main(out_dir: str = "quickstart_outputs", names: list[str] | None = None, ep
         epochs: training epochs per bundle.
     """
     out = Path(out_dir).resolve()
-    available = sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
+    available = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
     names = list(names) if names else available
     missing = [n for n in names if n not in RECIPES]
     if missing:

@@ -59,8 +59,8 @@ class ResumeCheckpoint:
     Args:
         path: checkpoint file, e.g. ``models/resume/checkpoint.pt`` (auxiliary files live in
             subfolders of ``models/`` so MONAI Label does not offer them as the model).
-        save_dict: objects with ``state_dict``/``load_state_dict``: network, optimizer,
-            lr scheduler and the trainer itself (for epoch and iteration).
+        save_dict: objects with ``state_dict``/``load_state_dict``: network, optimizer, lr
+            scheduler. The engine it is attached to is added as ``"trainer"`` (epoch, iteration).
         resume: when True and ``path`` exists, training continues from the saved epoch.
         fingerprint: a string naming the run (stage, data, fold...). A checkpoint written by a
             run with another fingerprint (e.g. the source stage of a fine-tuning chain sharing
@@ -78,6 +78,7 @@ class ResumeCheckpoint:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        self.save_dict.setdefault("trainer", engine)
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
@@ -139,7 +140,7 @@ class LearningCurves:
         row = {"epoch": engine.state.epoch, "train_loss": float(np.mean(self._losses)) if self._losses else math.nan}
         self._losses = []
         if self.evaluator is not None and self.metric_name:
-            row[f"val_{self.metric_name}"] = float(self.evaluator.state.metrics.get(self.metric_name, math.nan))
+            row[self.metric_name] = float(self.evaluator.state.metrics.get(self.metric_name, math.nan))
         if self.optimizer is not None:
             row["lr"] = float(self.optimizer.param_groups[0]["lr"])
         self.rows.append(row)
@@ -162,11 +163,11 @@ class LearningCurves:
         ax.plot(epochs, [r["train_loss"] for r in self.rows], "o-", label="training loss")
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
-        val_key = f"val_{self.metric_name}" if self.metric_name else None
+        val_key = self.metric_name
         if val_key and val_key in self.rows[-1]:
             ax2 = ax.twinx()
-            ax2.plot(epochs, [r[val_key] for r in self.rows], "s-", color="tab:orange", label=f"validation {self.metric_name}")
-            ax2.set_ylabel(f"validation {self.metric_name}")
+            ax2.plot(epochs, [r[val_key] for r in self.rows], "s-", color="tab:orange", label=self.metric_name)
+            ax2.set_ylabel(self.metric_name)
             ax2.legend(loc="lower right")
         ax.legend(loc="upper right")
         ax.set_title("learning curves")
@@ -246,10 +247,12 @@ class SegmentationReport:
 
     def update(self, engine) -> None:
         items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        for item in items:
+        # the engine's output holds tensors only; identifiers such as the case name stay in the batch
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(items)
+        for item, data in zip(items, batch):
             pred = self._np(item[self.pred_key])[0] > 0.5
             label = self._np(item[self.label_key])[0] > 0.5
-            case = str(item.get(self.case_key, "unknown"))
+            case = str(item.get(self.case_key, data.get(self.case_key, "unknown")))
             tp = float(np.logical_and(pred, label).sum())
             fp = float(np.logical_and(pred, ~label).sum())
             fn = float(np.logical_and(~pred, label).sum())

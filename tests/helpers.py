@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
-PHANTOMS = REPO / "scripts" / "phantoms.py"
+sys.path.insert(0, str(REPO / "scripts"))  # the repository's tools are plain modules, not a package
+
+from bundle_cli import BUNDLES, PHANTOMS, bundle_cmd  # noqa: E402
+
+__all__ = ["REPO", "BUNDLES", "PHANTOMS", "run", "bundle_run", "make_phantoms"]
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -27,13 +29,7 @@ def run(cmd: list[str], cwd: Path, timeout: int = 900, env: dict | None = None) 
 
 def bundle_run(bundle: str, configs: list[str], cwd: Path, run_id: str = "run", **overrides) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run <run_id> --config_file ... --key value ...`` in a subprocess."""
-    config_dir = BUNDLES / bundle / "configs"
-    files = [str(config_dir / c) for c in configs]
-    config_arg = files[0] if len(files) == 1 else json.dumps(files)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_arg]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    return run(cmd, cwd=cwd)
+    return run(bundle_cmd(bundle, configs, run_id, **overrides), cwd=cwd)
 
 
 def make_phantoms(kind: str, out_dir: Path, cwd: Path, **options) -> Path:

@@ -134,7 +134,7 @@ def test_resume_checkpoint_restores_state_and_respects_fingerprint(tmp_path):
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     first = _trainer(model, opt)
-    ResumeCheckpoint(str(path), {"model": model, "optimizer": opt, "trainer": first}, fingerprint="run-a").attach(first)
+    ResumeCheckpoint(str(path), {"model": model, "optimizer": opt}, fingerprint="run-a").attach(first)
     first.run([0, 0], max_epochs=2)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     assert not list(path.parent.glob("*.tmp")), "no temporary file left behind"
@@ -145,7 +145,7 @@ def test_resume_checkpoint_restores_state_and_respects_fingerprint(tmp_path):
     second = _trainer(model2, opt2)
     seen = {}
     second.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.setdefault("first_epoch", e.state.epoch))
-    handler = ResumeCheckpoint(str(path), {"model": model2, "optimizer": opt2, "trainer": second}, fingerprint="run-a")
+    handler = ResumeCheckpoint(str(path), {"model": model2, "optimizer": opt2}, fingerprint="run-a")
     handler.attach(second)
     second.add_event_handler(Events.STARTED, lambda e: seen.setdefault("weights", {k: v.clone() for k, v in model2.state_dict().items()}))
     second.run([0, 0], max_epochs=3)
@@ -156,6 +156,6 @@ def test_resume_checkpoint_restores_state_and_respects_fingerprint(tmp_path):
     model3 = torch.nn.Linear(2, 1)
     opt3 = torch.optim.SGD(model3.parameters(), lr=0.1)
     third = _trainer(model3, opt3)
-    ResumeCheckpoint(str(path), {"model": model3, "optimizer": opt3, "trainer": third}, fingerprint="run-b").attach(third)
+    ResumeCheckpoint(str(path), {"model": model3, "optimizer": opt3}, fingerprint="run-b").attach(third)
     third.run([0, 0], max_epochs=1)
     assert third.state.iteration == 2

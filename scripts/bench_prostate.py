@@ -1,0 +1,194 @@
+"""Benchmarks of the prostate_mri_transfer bundle, each a ratio measured side by side in one run.
+
+1. training iteration: the bundle's SupervisedTrainer iteration (prepare batch, forward, loss,
+   backward, step, post-processing, metric) ÷ a hand-written PyTorch loop on the same network
+   and the same batch;
+2. data loading: epoch 2 ÷ epoch 1 of the training data pipeline (epoch 1 runs N4 on every
+   volume and fills the cache; epoch 2 reads cached slices), plus a new dataset built from the
+   warm on-disk cache (what a second run or a fine-tuning stage pays);
+3. inference: one volume through SliceInferer with batched slices ÷ one slice at a time;
+4. N4: seconds per volume at the bundle's default settings ÷ at full resolution (shrink 1),
+   and the mean relative intensity difference between the two corrected volumes inside the
+   gland.
+
+    python scripts/bench_prostate.py                      # phantoms at 64×64 slices
+    python scripts/bench_prostate.py --image_size 384 --n4_shape "(320,320,20)" --encoder efficientnet-b3
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+from bundle_cli import BUNDLES, make_phantoms
+
+BUNDLE_ROOT = BUNDLES / "prostate_mri_transfer"
+
+
+def _timeit(fn, repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _workflow(config_files: list[str], **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(BUNDLE_ROOT / "configs" / f) for f in config_files]
+    wf = ConfigWorkflow(config_file=files, workflow_type=None, logging_file=False, **overrides)
+    wf.initialize()
+    return wf
+
+
+def bench_training(work: Path, data: Path, image_size: int, encoder: str, batch_size: int, iters: int) -> dict:
+    from ignite.engine import Events
+
+    wf = _workflow(["train.json"], bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC", "BMC"],
+                   image_size=image_size, encoder=encoder, batch_size=batch_size, epochs=1, resume=False)
+    wf.parser.get_parsed_content("train#intensity_stats")
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    trainer.state.epoch_length = min(iters, len(trainer.data_loader))
+    # the window from ITERATION_STARTED to the end of the ITERATION_COMPLETED handlers holds the
+    # whole bundle iteration (post-processing and metric included) and no data loading
+    marks, times = {}, []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: marks.__setitem__("t", time.perf_counter()))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.append(time.perf_counter() - marks["t"]))
+    trainer.run()
+    network, loss_fn, optimizer = trainer.network, trainer.loss_function, trainer.optimizer
+    batch = next(iter(trainer.data_loader))
+    device = wf.parser.get_parsed_content("device")
+    images, labels = batch["image"].to(device), batch["label"].to(device)
+
+    def hand_iteration():
+        network.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(network(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    hand = [_timeit(hand_iteration, 1, warmup=0) for _ in range(len(times))]
+    b, h = float(np.median(times[1:])), float(np.median(hand[1:]))  # first iteration of each is warm-up
+    return {"bundle_iter_s": b, "hand_iter_s": h, "ratio": b / h, "batch": tuple(images.shape), "iters": len(times)}
+
+
+def bench_data_loading(work: Path, data: Path, image_size: int) -> dict:
+    from monai.data import DataLoader
+
+    overrides = dict(bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC", "BMC"], image_size=image_size,
+                     cache_dir=str(work / "fresh_cache"), epochs=1)
+    wf = _workflow(["train.json"], **overrides)
+    start = time.perf_counter()
+    dataset = wf.parser.get_parsed_content("train#dataset")  # builds slices: N4 on every volume, fills the cache
+    loader = DataLoader(dataset, batch_size=16, shuffle=True, num_workers=0)
+    n1 = sum(len(b["image"]) for b in loader)
+    epoch1 = time.perf_counter() - start
+    start = time.perf_counter()
+    n2 = sum(len(b["image"]) for b in loader)
+    epoch2 = time.perf_counter() - start
+    # a new run over the same data: volumes come from the on-disk cache
+    wf2 = _workflow(["train.json"], **overrides)
+    start = time.perf_counter()
+    dataset2 = wf2.parser.get_parsed_content("train#dataset")
+    n3 = sum(len(b["image"]) for b in DataLoader(dataset2, batch_size=16, shuffle=True, num_workers=0))
+    rerun = time.perf_counter() - start
+    assert n1 == n2 == n3
+    return {"epoch1_s": epoch1, "epoch2_s": epoch2, "ratio": epoch2 / epoch1, "warm_disk_s": rerun,
+            "warm_ratio": rerun / epoch1, "slices": n1, "volumes": len(wf.parser.get_parsed_content("datalist")["training"])}
+
+
+def bench_inference(work: Path, data: Path, image_size: int, encoder: str, repeat: int) -> dict:
+    from monai.inferers import SliceInferer
+
+    wf = _workflow(["inference.json"], bundle_root=str(work), dataset_dir=str(data / "RUNMC"),
+                   image_size=image_size, encoder=encoder)
+    network = wf.parser.get_parsed_content("network").eval()
+    item = wf.parser.get_parsed_content("dataset")[0]
+    volume = item["image"][None].to(next(network.parameters()).device)
+    n_slices = volume.shape[-1]
+    batched = SliceInferer(roi_size=(image_size, image_size), sw_batch_size=16, spatial_dim=2, progress=False)
+    single = SliceInferer(roi_size=(image_size, image_size), sw_batch_size=1, spatial_dim=2, progress=False)
+    with torch.no_grad():
+        out_b, out_s = batched(volume, network), single(volume, network)
+        assert torch.allclose(out_b, out_s, atol=1e-4), "batched and per-slice inference disagree"
+        t_b = _timeit(lambda: batched(volume, network), repeat)
+        t_s = _timeit(lambda: single(volume, network), repeat)
+    return {"batched_s": t_b, "per_slice_s": t_s, "ratio": t_b / t_s, "slices": n_slices}
+
+
+def bench_n4(work: Path, shape: tuple[int, int, int]) -> dict:
+    import nibabel as nib
+    from monai.transforms import LoadImage
+    from shared_transforms import N4BiasFieldCorrection
+
+    data = make_phantoms("prostate", work / "n4_data", work / "n4.log", cases_per_site=1, shape=f"({shape[0]},{shape[1]},{shape[2]})", seed=7)
+    image_file = data / "RUNMC" / "Case00.nii.gz"
+    image = LoadImage(image_only=True, ensure_channel_first=True)(str(image_file)).float()
+    gland = np.asanyarray(nib.load(str(data / "RUNMC" / "Case00_segmentation.nii.gz")).dataobj) > 0
+    default = N4BiasFieldCorrection()
+    full = N4BiasFieldCorrection(shrink_factor=1)
+    start = time.perf_counter()
+    out_default = default(image)
+    t_default = time.perf_counter() - start
+    start = time.perf_counter()
+    out_full = full(image)
+    t_full = time.perf_counter() - start
+    a, b = np.asarray(out_default[0]), np.asarray(out_full[0])
+    rel = float(np.mean(np.abs(a[gland] - b[gland]) / np.abs(b[gland])))
+    return {"default_s": t_default, "full_s": t_full, "ratio": t_default / t_full, "mean_rel_diff": rel,
+            "shape": tuple(image.shape[1:]), "default_shrink": default.shrink_factor}
+
+
+def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int = 16, iters: int = 10,
+         repeat: int = 5, n4_shape: tuple = (320, 320, 20), cases_per_site: int = 6, phantom_shape: tuple = (64, 64, 16)) -> None:
+    """Run the four benchmarks and print their ratios.
+
+    Args:
+        image_size: slice size the network sees.
+        encoder: smp encoder of the UNet++ (the paper's is efficientnet-b3).
+        batch_size: training batch (paper: 16).
+        iters: timed training iterations per side.
+        repeat: timed inference repetitions per side.
+        n4_shape: phantom volume for the N4 benchmark (a real T2 volume is about 320×320×20).
+        cases_per_site: phantom cases per site for the training/data-loading benchmarks.
+        phantom_shape: phantom volume shape for those benchmarks.
+    """
+    torch.manual_seed(0)
+    sys.path.insert(0, str(BUNDLE_ROOT))  # the bundle's scripts package, as the MONAI CLI would add it
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shape = tuple(phantom_shape)
+        data = make_phantoms("prostate", work / "data", work / "phantoms.log", cases_per_site=cases_per_site,
+                             shape=f"({shape[0]},{shape[1]},{shape[2]})")
+        print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+              f"device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+        results = {}
+        results["data"] = d = bench_data_loading(work, data, image_size)
+        print(f"[data]      epoch 1 {d['epoch1_s']:.2f} s (N4 + cache fill, {d['volumes']} volumes, {d['slices']} slices), "
+              f"epoch 2 {d['epoch2_s']:.3f} s -> epoch-2 / epoch-1 = {d['ratio']:.4f}; "
+              f"new run on the warm disk cache {d['warm_disk_s']:.2f} s ({d['warm_ratio']:.3f} of epoch 1)")
+        results["train"] = t = bench_training(work, data, image_size, encoder, batch_size, iters)
+        print(f"[train]     batch {t['batch']}: bundle iteration {t['bundle_iter_s']:.3f} s, hand-written loop "
+              f"{t['hand_iter_s']:.3f} s -> bundle / hand = {t['ratio']:.3f}")
+        results["infer"] = i = bench_inference(work, data, image_size, encoder, repeat)
+        print(f"[inference] one volume of {i['slices']} slices: batched (16) {i['batched_s']:.3f} s, per slice "
+              f"{i['per_slice_s']:.3f} s -> batched / per-slice = {i['ratio']:.3f}")
+        results["n4"] = n = bench_n4(work, tuple(n4_shape))
+        print(f"[n4]        volume {n['shape']}: default (shrink {n['default_shrink']}) {n['default_s']:.1f} s, full resolution "
+              f"{n['full_s']:.1f} s -> default / full = {n['ratio']:.3f}; mean relative gland intensity difference "
+              f"{100 * n['mean_rel_diff']:.2f} %")
+    return None
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
