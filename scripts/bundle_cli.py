@@ -37,11 +37,23 @@ def run_logged(cmd: list[str], log_file: Path, echo: bool = True) -> None:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=log_file.parent)
         for line in proc.stdout:
             log.write(line)
-            if echo and (" - INFO - " not in line or "Epoch[" in line and "Metrics" in line or "Dice" in line):
+            if echo and _is_progress(line):
                 sys.stdout.write("    " + line)
                 sys.stdout.flush()
         if proc.wait() != 0:
-            raise SystemExit(f"command failed ({proc.returncode}); full log: {log_file}")
+            tail = "".join(open(log_file).readlines()[-30:])
+            raise SystemExit(f"{tail}\ncommand failed ({proc.returncode}); full log: {log_file}")
+
+
+def _is_progress(line: str) -> bool:
+    """Epoch summaries, results and problems; not per-iteration logs or library warnings."""
+    return (
+        ("Epoch[" in line and "Metrics" in line)
+        or "Dice" in line
+        or " - WARNING - " in line
+        or " - ERROR - " in line
+        or line.startswith(("wrote", "[", "==>"))
+    )
 
 
 def make_phantoms(kind: str, out_dir: Path, log_file: Path, **options) -> Path:

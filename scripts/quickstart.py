@@ -26,14 +26,14 @@ def prostate_mri_transfer(out: Path, epochs: int) -> dict:
     log = root / "quickstart.log"
     data = out / "data" / "prostate"
     make_phantoms("prostate", data, log, cases_per_site=8, shape="(64,64,12)")
-    small = dict(bundle_root=str(root), dataset_dir=str(data), image_size=64, encoder="efficientnet-b0", batch_size=8)
+    small = dict(bundle_root=str(root), dataset_dir=str(data), image_size=64, encoder="timm-efficientnet-b0", batch_size=8)
     run_logged(bundle_cmd(bundle, ["train.json"], "training", sites=["RUNMC"], epochs=epochs, resume=False, **small), log)
     run_logged(bundle_cmd(bundle, ["train.json", "evaluate.json"], "evaluating", sites=["RUNMC"], **small), log)
     infer_out = root / "eval" / "inference"
     run_logged(
         bundle_cmd(
             bundle, ["inference.json"], "run", bundle_root=str(root), dataset_dir=str(data / "BMC"),
-            output_dir=str(infer_out), image_size=64, encoder="efficientnet-b0",
+            output_dir=str(infer_out), image_size=64, encoder="timm-efficientnet-b0",
         ),
         log,
     )
@@ -55,7 +55,7 @@ def prostate_mri_transfer(out: Path, epochs: int) -> dict:
 RECIPES = {"prostate_mri_transfer": prostate_mri_transfer}
 
 
-def main(out_dir: str = "quickstart_outputs", names: list[str] | None = None, epochs: int = 25) -> None:
+def main(out_dir: str = "quickstart_outputs", names: list[str] | None = None, epochs: int = 20) -> None:
     """Run every bundle (or ``names``) on phantoms and print the Dice table.
 
     Args:

@@ -24,7 +24,9 @@ from helpers import BUNDLES, REPO, bundle_run, make_phantoms, run
 BUNDLE = "prostate_mri_transfer"
 CONFIGS = BUNDLES / BUNDLE / "configs"
 # small but real: the paper's UNet++ with the smallest EfficientNet at 64×64
-SMALL = {"image_size": 64, "encoder": "efficientnet-b0", "batch_size": 8}
+ENCODER = "timm-efficientnet-b0"  # timm BatchNorm momentum 0.1: running stats settle within a short run
+SMALL = {"image_size": 64, "encoder": ENCODER, "batch_size": 8}
+EPOCHS = 20
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def trained(tmp_path_factory, data) -> dict:
     work = tmp_path_factory.mktemp("prostate_train")
     proc = bundle_run(
         BUNDLE, ["train.json"], cwd=work, run_id="training",
-        bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC"], epochs=25, **SMALL,
+        bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC"], epochs=EPOCHS, **SMALL,
     )
     return {"work": work, "data": data, "stdout": proc.stdout + proc.stderr}
 
@@ -56,7 +58,7 @@ def test_training_writes_model_logs_and_datalist(trained):
     assert not (ids["training"] & ids["validation"])
     assert list((work / "eval" / "tensorboard").glob("events.out.tfevents.*"))
     rows = list(csv.DictReader(open(work / "eval" / "learning_curves.csv")))
-    assert len(rows) == 25 and (work / "eval" / "learning_curves.png").stat().st_size > 1000
+    assert len(rows) == EPOCHS and (work / "eval" / "learning_curves.png").stat().st_size > 1000
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert (work / "models" / "resume" / "checkpoint.pt").is_file()
 
@@ -88,7 +90,7 @@ def test_finetune_starts_from_source_weights_and_trains(trained, tmp_path):
         from monai.bundle import ConfigWorkflow
         wf = ConfigWorkflow(config_file={[str(CONFIGS / 'train.json'), str(CONFIGS / 'finetune.json')]!r},
                             workflow_type=None, bundle_root={str(tmp_path)!r}, dataset_dir={str(data)!r},
-                            sites=['BMC'], source_ckpt={str(source)!r}, image_size=64, encoder='efficientnet-b0')
+                            sites=['BMC'], source_ckpt={str(source)!r}, image_size=64, encoder={ENCODER!r})
         wf.initialize()
         import sys; sys.path.insert(1, {str(BUNDLES / BUNDLE)!r})
         fresh = {{k: v.clone() for k, v in wf.parser.get_parsed_content('network_def').state_dict().items()}}
@@ -121,7 +123,7 @@ def test_inference_keeps_shape_and_affine(trained, tmp_path):
     out = tmp_path / "pred"
     bundle_run(
         BUNDLE, ["inference.json"], cwd=tmp_path, run_id="run",
-        bundle_root=str(work), dataset_dir=str(src), output_dir=str(out), image_size=64, encoder="efficientnet-b0",
+        bundle_root=str(work), dataset_dir=str(src), output_dir=str(out), image_size=64, encoder=ENCODER,
     )
     inputs = sorted(p for p in src.glob("Case*.nii.gz") if "egmentation" not in p.name)
     outputs = sorted(out.glob("*.nii.gz"))
@@ -186,10 +188,52 @@ def test_ddp_two_cpu_processes(data, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
         "-m", "monai.bundle", "run", "training", "--config_file", files,
         "--bundle_root", str(tmp_path), "--dataset_dir", str(data), "--sites", "['BMC']", "--epochs", "2",
-        "--image_size", "64", "--encoder", "efficientnet-b0", "--batch_size", "4",
+        "--image_size", "64", "--encoder", ENCODER, "--batch_size", "4",
     ]
     run(cmd, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     saved = sorted(p.relative_to(tmp_path / "models") for p in (tmp_path / "models").rglob("*.pt"))
     assert saved == [Path("model.pt"), Path("resume/checkpoint.pt")]
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state), "DDP wrapper must not leak into the saved weights"
+
+
+def test_model_zoo_checks(trained, tmp_path):
+    """What the Model Zoo's CI runs: metadata schema, network in/out shapes, TorchScript export."""
+    bundle = BUNDLES / BUNDLE
+    env = {"PYTHONPATH": str(bundle)}  # as the Model Zoo's CI, which puts the bundle on the path
+    schema = REPO / "scripts" / "schemas" / "meta_schema_20220324.json"
+    meta, infer = str(CONFIGS / "metadata.json"), str(CONFIGS / "inference.json")
+    for name in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json",
+                 "configs/evaluate.json", "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md"):
+        assert (bundle / name).is_file(), name
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    assert metadata["version"] in metadata["changelog"]
+    cli = [sys.executable, "-m", "monai.bundle"]
+    run(cli + ["verify_metadata", "--meta_file", meta, "--filepath", str(schema)], cwd=tmp_path, env=env)
+    run(cli + ["verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", infer,
+               "--bundle_root", str(bundle), "--encoder", ENCODER], cwd=tmp_path, env=env)
+    ts = tmp_path / "model.ts"
+    ckpt = trained["work"] / "models" / "model.pt"
+    run(cli + ["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--meta_file", meta,
+               "--config_file", infer, "--bundle_root", str(bundle), "--encoder", ENCODER,
+               "--use_trace", "True", "--input_shape", "[1, 1, 64, 64]"], cwd=tmp_path, env=env)
+    compare = textwrap.dedent(
+        f"""
+        import torch
+        from monai.bundle import ConfigParser
+        parser = ConfigParser()
+        parser.read_config({infer!r})
+        parser.update({{"bundle_root": {str(bundle)!r}, "encoder": {ENCODER!r}}})
+        net = parser.get_parsed_content("network_def").eval()
+        net.load_state_dict(torch.load({str(ckpt)!r}, map_location="cpu", weights_only=True))
+        ts = torch.jit.load({str(ts)!r}).eval()
+        x = torch.rand(2, 1, 64, 64) * 600
+        with torch.no_grad():
+            a, b = net(x), ts(x)
+        assert a.shape == (2, 1, 64, 64)
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+        print("TORCHSCRIPT_MATCHES")
+        """
+    )
+    proc = run([sys.executable, "-c", compare], cwd=tmp_path, env=env)
+    assert "TORCHSCRIPT_MATCHES" in proc.stdout

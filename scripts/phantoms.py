@@ -1,0 +1,364 @@
+"""Synthetic "phantom" datasets in the exact layouts of the real datasets.
+
+Each kind writes a small dataset that a bundle can be trained, evaluated and run on without
+the real data: same folders, file names, dtypes, label values and NIfTI headers as the
+real thing, with images a small network can learn to segment.
+
+    python scripts/phantoms.py prostate OUT_DIR                       # 3 sites x 6 cases, 64x64x16
+    python scripts/phantoms.py prostate OUT_DIR --cases_per_site 2 --shape "(48,48,10)" --seed 3
+    python scripts/phantoms.py prostate --help
+
+Kinds: ``prostate`` (multi-site prostate T2 MRI: RUNMC / BMC / I2CVB).
+
+Everything is deterministic for a seed: every case draws from its own random generator
+seeded by (seed, kind, site, case), so a case does not change when other cases are added.
+The shared helpers (seeded generators, shape parsing, smooth noise and bias fields, Rician
+noise, NIfTI writing with a proper affine) are meant to be reused by further kinds.
+"""
+
+from __future__ import annotations
+
+import ast
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import fire
+import nibabel as nib
+import numpy as np
+
+# ----------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------
+
+
+def rng_for(seed: int, *keys: str | int) -> np.random.Generator:
+    """A generator for one (seed, key, key, ...) combination, e.g. ``rng_for(0, "prostate", "BMC", 3)``.
+
+    String keys are hashed with CRC-32 (stable across runs and platforms, unlike ``hash``),
+    so a case's content depends only on the seed and its own keys.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    words = [int(seed)] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    return np.random.default_rng(words)
+
+
+def parse_shape(shape: Sequence[int] | str, ndim: int = 3, minimum: Sequence[int] | None = None) -> tuple[int, ...]:
+    """``(64, 64, 16)``, ``[64, 64, 16]``, ``"(64,64,16)"``, ``"64,64,16"`` or ``"64x64x16"`` -> ``(64, 64, 16)``.
+
+    Raises ``ValueError`` for the wrong number of dimensions or sizes below ``minimum``.
+    """
+    value = shape
+    if isinstance(value, str):
+        text = value.strip().lower().replace("x", ",")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"cannot read a shape from {shape!r}; use e.g. \"(64,64,16)\"") from err
+    if isinstance(value, (int, np.integer)):
+        value = (value,)
+    try:
+        dims = tuple(int(v) for v in value)
+        if any(float(v) != int(v) for v in value):
+            raise ValueError
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cannot read a shape from {shape!r}; use e.g. \"(64,64,16)\"") from err
+    if len(dims) != ndim:
+        raise ValueError(f"shape {shape!r} must have {ndim} sizes, got {len(dims)}")
+    minimum = tuple(minimum) if minimum is not None else (1,) * ndim
+    if any(d < m for d, m in zip(dims, minimum)):
+        raise ValueError(f"shape {dims} is too small; each size must be at least {minimum}")
+    return dims
+
+
+def centred_grid(shape: Sequence[int]) -> list[np.ndarray]:
+    """Voxel-centre coordinates per axis, -1..1 across the field of view (0 at the centre).
+
+    Broadcastable (sparse) arrays, ``indexing="ij"``: ``grid[0]`` varies along axis 0.
+    Geometry written in these units scales with the image size.
+    """
+    return np.meshgrid(*[(np.arange(n) - (n - 1) / 2.0) / (n / 2.0) for n in shape], indexing="ij", sparse=True)
+
+
+def smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: Sequence[float]) -> np.ndarray:
+    """Gaussian-smoothed white noise (std 1, mean 0); ``sigma`` in voxels per axis (0 = no smoothing).
+
+    Smoothed in the Fourier domain (periodic boundaries), so it needs numpy only and is fast.
+    """
+    shape = tuple(int(s) for s in shape)
+    white = rng.standard_normal(shape)
+    spectrum = np.fft.rfftn(white)
+    kernel = np.ones(spectrum.shape)
+    for axis, (n, s) in enumerate(zip(shape, sigma)):
+        freqs = np.fft.rfftfreq(n) if axis == len(shape) - 1 else np.fft.fftfreq(n)
+        k = np.exp(-2.0 * (np.pi * float(s) * freqs) ** 2)
+        kernel = kernel * k.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    out = np.fft.irfftn(spectrum * kernel, s=shape, axes=range(len(shape)))
+    out -= out.mean()
+    std = out.std()
+    return out / std if std > 0 else out
+
+
+def gaussian_spot(coords: Sequence[np.ndarray], centre: Sequence[float], sigma: Sequence[float]) -> np.ndarray:
+    """exp(-sum((c - centre)^2 / (2 sigma^2))) on (broadcastable) coordinates: a smooth bump, 1 at ``centre``."""
+    d2 = 0.0
+    for c, m, s in zip(coords, centre, sigma):
+        d2 = d2 + ((c - m) / s) ** 2
+    return np.exp(-0.5 * d2)
+
+
+def polynomial_field(coords: Sequence[np.ndarray], linear: Sequence[float], quadratic: Sequence[float] = (),
+                     cross: float = 0.0) -> np.ndarray:
+    """exp(sum(l_i x_i) + sum(q_i x_i^2) + cross * x_0 x_1): a smooth positive multiplicative field."""
+    log = 0.0
+    for c, a in zip(coords, linear):
+        log = log + a * c
+    for c, a in zip(coords, quadratic):
+        log = log + a * c * c
+    if cross and len(coords) > 1:
+        log = log + cross * coords[0] * coords[1]
+    return np.exp(log)
+
+
+def rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.ndarray:
+    """Magnitude of the signal plus complex Gaussian noise: Rician, positive, Rayleigh in the background."""
+    real = signal + rng.normal(0.0, sigma, signal.shape)
+    imag = rng.normal(0.0, sigma, signal.shape)
+    return np.hypot(real, imag)
+
+
+def affine_for(spacing: Sequence[float], orientation: str = "RAS", origin: Sequence[float] | None = None) -> np.ndarray:
+    """4x4 voxel-to-world (RAS mm) affine: ``diag(sx, sy, sz)`` ("RAS") or ``diag(-sx, -sy, sz)`` ("LPS").
+
+    ``origin`` is the world position of voxel (0, 0, 0); default: zero.
+    """
+    orientation = orientation.upper()
+    if orientation not in ("RAS", "LPS"):
+        raise ValueError(f"orientation must be 'RAS' or 'LPS', got {orientation!r}")
+    signs = (1.0, 1.0, 1.0) if orientation == "RAS" else (-1.0, -1.0, 1.0)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([s * float(v) for s, v in zip(signs, spacing)])
+    if origin is not None:
+        affine[:3, 3] = [float(o) for o in origin]
+    return affine
+
+
+def to_dtype(array: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
+    """Cast like a scanner would store it: round and clip to the range of integer dtypes."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(array), info.min, info.max).astype(dtype)
+    return np.asarray(array, dtype=dtype)
+
+
+def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: np.dtype | str | None = None) -> Path:
+    """Write ``array`` (cast to ``dtype``) as NIfTI-1 with qform and sform both set to ``affine`` (codes 1, mm).
+
+    No intensity scaling (slope 1, intercept 0), so the file holds exactly the stored values.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = to_dtype(array, dtype) if dtype is not None else np.asarray(array)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(data.dtype)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units(xyz="mm")
+    img.header.set_slope_inter(1.0, 0.0)
+    nib.save(img, str(path))
+    return path
+
+
+def ellipse(u: np.ndarray, v: np.ndarray, centre: Sequence[float], axes: Sequence[float]) -> np.ndarray:
+    """Boolean mask of the ellipse ((u-cu)/au)^2 + ((v-cv)/av)^2 < 1."""
+    return ((u - centre[0]) / axes[0]) ** 2 + ((v - centre[1]) / axes[1]) ** 2 < 1.0
+
+
+def _summary_line(result: object) -> object:
+    """How the CLI prints what a kind returns: its ``summary`` line when it has one."""
+    if isinstance(result, dict) and "summary" in result:
+        return result["summary"]
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# prostate: multi-site T2 MRI (NCI-ISBI 2013 RUNMC / BMC and I2CVB)
+# ----------------------------------------------------------------------------------------
+
+#: per site: folder -> appearance. Spacing is the real in-plane spacing at the real 384-pixel
+#: in-plane size; the phantom keeps the field of view, so in-plane spacing is scaled by
+#: 384 / size (slice thickness kept). Orientation: the header's axes ("LPS" = diag(-sx, -sy, sz)).
+#: The anatomy has the same voxel layout at every site (anterior towards voxel -y, superior
+#: towards +z), as the public multi-site copy shows every site the same way when its arrays are
+#: read as they are; only the BMC header is anatomically consistent with it (in the RAS-header
+#: sites the world's anterior is voxel +y), which is irrelevant to bundles that do not reorient.
+PROSTATE_SITES = {
+    "RUNMC": dict(  # site A: 3T, external phased-array surface coil
+        letter="A", spacing=(0.6, 0.6, 3.6), orientation="RAS", origin=(-112.0, -131.0, -35.0),
+        dtype="int16", scale=900.0, noise=0.025, bias="surface", zones=True,
+    ),
+    "BMC": dict(  # site B: 1.5T, endorectal coil
+        letter="B", spacing=(0.5, 0.5, 3.0), orientation="LPS", origin=(95.0, 108.0, -27.0),
+        dtype="uint16", scale=380.0, noise=0.04, bias="endorectal", zones=True,
+    ),
+    "I2CVB": dict(  # site C: 3T, no endorectal coil
+        letter="C", spacing=(0.7, 0.7, 3.0), orientation="RAS", origin=(-130.0, -150.0, -20.0),
+        dtype="float32", scale=150.0, noise=0.03, bias="mild", zones=False,
+    ),
+}
+#: in-plane size of the real multi-site copy, at which ``spacing`` above holds
+PROSTATE_REAL_SIZE = 384
+#: T2 intensities of the tissues (before the site's scale, bias field and noise)
+PROSTATE_TISSUE = dict(body=0.33, fat=0.62, muscle=0.2, rectum_wall=0.3, rectum_lumen=0.05,
+                       capsule=0.2, pz=0.86, cg=0.72, bladder=1.1)
+
+
+def _prostate_bias(kind: str, rng: np.random.Generator, u: np.ndarray, v: np.ndarray, t: np.ndarray,
+                   coil: tuple[float, float]) -> np.ndarray:
+    """The site's multiplicative receive field on the centred grid (u right-left, v anterior-posterior, t slices)."""
+    if kind == "surface":  # phased array: a strong gradient (brighter anterior-left) and brighter periphery
+        angle = -0.6 * np.pi + rng.uniform(-0.35, 0.35)
+        strength = rng.uniform(0.4, 0.55)
+        return polynomial_field((u, v, t), (strength * np.cos(angle), strength * np.sin(angle), rng.uniform(-0.12, 0.12)),
+                                (rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.3)))
+    if kind == "endorectal":  # a bright spot around the coil in the rectum, posterior to the gland
+        spot = gaussian_spot((u, v, t), (coil[0], coil[1] - 0.08, rng.uniform(-0.2, 0.2)),
+                             (rng.uniform(0.2, 0.26), rng.uniform(0.16, 0.2), 1.4))
+        wide = polynomial_field((u, v), (rng.uniform(-0.1, 0.1), rng.uniform(0.1, 0.25)))
+        return (0.75 + rng.uniform(2.0, 3.0) * spot) * wide
+    if kind == "mild":  # body coil: a wide, weak field
+        a = rng.normal(0.0, 0.12, 5)
+        return polynomial_field((u, v, t), a[:3], (a[3], -a[3]), cross=a[4])
+    raise ValueError(f"unknown bias field kind {kind!r}")
+
+
+def _prostate_case(shape: tuple[int, int, int], site: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom T2 volume (float, before casting) and its label (uint8: 0, CG 1, PZ 2 or gland 1)."""
+    nx, ny, nz = shape
+    u, v, _ = centred_grid(shape)  # u: right-left, v: anterior (-) to posterior (+)
+    z = np.arange(nz, dtype=float).reshape(1, 1, -1)
+    t = (z - (nz - 1) / 2.0) / (nz / 2.0)
+    tissue = PROSTATE_TISSUE
+    contrast = rng.uniform(0.9, 1.1)  # per-case T2 contrast
+
+    # gland geometry: semi-axes (left-right, anterior-posterior) in field-of-view units, centre,
+    # craniocaudal half-length in slices (spanning most but not all slices)
+    au, av = 0.44 * rng.uniform(0.9, 1.1), 0.35 * rng.uniform(0.9, 1.1)
+    gu, gv = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)
+    half = max(0.8, 0.4 * nz * rng.uniform(0.92, 1.0))
+    slack = max(0.0, (nz - 1) / 2.0 - half - 0.6)  # keep the first and last slices free of gland
+    cz = (nz - 1) / 2.0 + rng.uniform(-1.0, 1.0) * min(slack, 0.6)
+    w = (z - cz) / half  # -1 apex (inferior) .. +1 base (superior)
+    radius = np.sqrt(np.clip(1.0 - w**2, 0.0, None)) * (1.0 + 0.12 * w)  # wider base, tapering apex
+    radius = np.where(np.abs(w) < 1.0, radius, 0.0)
+    # slight drift of the centre through the slices
+    su, sv = gu + rng.uniform(-0.03, 0.03) * w, gv + rng.uniform(-0.03, 0.03) * w
+    du, dv = (u - su) / au, (v - sv) / av
+    dv = np.where(dv > 0, dv * 1.15, dv)  # flatter posterior surface against the rectum
+    theta = np.arctan2(dv, du)
+    wobble = 0.0
+    for k in (2, 3, 4, 5):  # slightly irregular boundary, changing smoothly through the slices
+        wobble = wobble + rng.uniform(0.0, 0.05) * np.cos(k * theta + rng.uniform(0, 2 * np.pi) + rng.uniform(-1, 1) * w)
+    rho = np.sqrt(du**2 + dv**2) / np.maximum(radius, 1e-6)
+    gland = (rho < 1.0 + wobble) & (radius > 0)
+    capsule = (rho < 1.0 + wobble + 0.12 / np.maximum(radius, 0.3)) & (radius > 0) & ~gland
+    # central gland: an inner, anterior ellipsoid, larger towards the base, absent at the apex
+    frac = 0.6 + 0.1 * w
+    cu, cv = du / frac, (dv + 0.3 * radius) / (0.85 * frac)
+    cg = gland & (np.sqrt(cu**2 + cv**2) / np.maximum(radius, 1e-6) < 1.0 + 0.5 * wobble) & (w > -0.8)
+    pz = gland & ~cg
+
+    # surrounding anatomy (constant through the slices except the bladder)
+    body = ellipse(u, v, (0.0, 0.02), (0.9, 0.72))
+    fat = body & ~ellipse(u, v, (0.0, 0.02), (0.82, 0.64))
+    muscles = ellipse(u, v, (gu - au - 0.2, gv), (0.11, 0.26)) | ellipse(u, v, (gu + au + 0.2, gv), (0.11, 0.26))
+    coil = (gu, gv + av / 1.15 + 0.14)
+    lumen_r = 0.1 if site["bias"] == "endorectal" else 0.06  # the endorectal coil's balloon distends it
+    rectum = ellipse(u, v, coil, (0.14, 0.12))
+    lumen = ellipse(u, v, coil, (lumen_r * 1.2, lumen_r))
+    bladder_r = 0.36 * np.sqrt(np.clip((w - 0.7) / 0.6, 0.0, 1.0))
+    bladder = ((u - gu) / 1.15) ** 2 + (v - gv + 0.08) ** 2 < bladder_r**2
+
+    spatial = np.broadcast_shapes(u.shape, v.shape, z.shape)
+    texture = smooth_noise(rng, shape, (1.2 * nx / 64, 1.2 * ny / 64, 0.7))
+    coarse = smooth_noise(rng, shape, (3.0 * nx / 64, 3.0 * ny / 64, 1.0))
+    img = np.zeros(spatial)
+    img = np.where(body, tissue["body"] * (1.0 + 0.08 * coarse), img)
+    img = np.where(fat, tissue["fat"] * (1.0 + 0.06 * texture), img)
+    img = np.where(muscles & body, tissue["muscle"] * (1.0 + 0.08 * texture), img)
+    img = np.where(rectum & body, tissue["rectum_wall"], img)
+    img = np.where(lumen & body, tissue["rectum_lumen"], img)
+    img = np.where(bladder & body, tissue["bladder"] * (1.0 + 0.03 * texture), img)
+    img = np.where(capsule, tissue["capsule"], img)
+    img = np.where(pz, tissue["pz"] * contrast * (1.0 + 0.07 * texture), img)
+    img = np.where(cg, tissue["cg"] * contrast * (1.0 + 0.08 * texture + 0.04 * coarse), img)  # nodular
+
+    field = _prostate_bias(site["bias"], rng, u, v, t, coil)
+    gain = site["scale"] * rng.uniform(0.85, 1.15)
+    img = rician(rng, img * field * gain, site["noise"] * site["scale"])
+
+    label = np.zeros(spatial, np.uint8)
+    if site["zones"]:
+        label[cg] = 1
+        label[pz] = 2
+    else:
+        label[gland] = 1
+    return img, label
+
+
+def prostate(out_dir: str, cases_per_site: int = 6, shape: Sequence[int] | str = (64, 64, 16), seed: int = 0) -> dict:
+    """Write a multi-site prostate T2 MRI phantom in the real layout (NCI-ISBI 2013 + I2CVB copy).
+
+    Layout: OUT_DIR/{RUNMC,BMC,I2CVB}/CaseNN.nii.gz and CaseNN_segmentation.nii.gz, NN = 00, 01, ...
+    RUNMC is site A (int16, surface-coil gradient), BMC site B (uint16, endorectal-coil bright
+    spot behind the gland, LPS header), I2CVB site C (float32, mild field). Labels (uint8):
+    0 background, 1 central gland and 2 peripheral zone at RUNMC and BMC, 1 whole gland at
+    I2CVB. Each site has its own voxel spacing, intensity scale, noise and bias field. The gland
+    spans most slices and tapers towards its ends, so some of its slices have fewer than 200
+    pixels (64x64 slices: about 300-700 in the middle).
+
+    Args:
+        out_dir: folder to write into (created; existing cases are overwritten).
+        cases_per_site: number of cases per site.
+        shape: volume size (x, y, slices), e.g. "(64,64,16)" or "64,64,16".
+        seed: random seed; the same seed writes identical files.
+
+    Returns:
+        A summary: output folder, shape, seed, per-site cases, spacing, orientation and dtype,
+        and a one-line ``summary`` (what the command line prints).
+    """
+    dims = parse_shape(shape, 3, minimum=(16, 16, 3))
+    cases_per_site = int(cases_per_site)
+    if cases_per_site < 1:
+        raise ValueError(f"cases_per_site must be at least 1, got {cases_per_site}")
+    out = Path(out_dir).expanduser().resolve()
+    sites = {}
+    for name, site in PROSTATE_SITES.items():
+        spacing = (
+            round(site["spacing"][0] * PROSTATE_REAL_SIZE / dims[0], 6),
+            round(site["spacing"][1] * PROSTATE_REAL_SIZE / dims[1], 6),
+            float(site["spacing"][2]),
+        )
+        affine = affine_for(spacing, site["orientation"], site["origin"])
+        for case in range(cases_per_site):
+            rng = rng_for(seed, "prostate", name, case)
+            img, label = _prostate_case(dims, site, rng)
+            stem = out / name / f"Case{case:02d}"
+            save_nifti(f"{stem}.nii.gz", img, affine, site["dtype"])
+            save_nifti(f"{stem}_segmentation.nii.gz", label, affine, np.uint8)
+            areas = np.count_nonzero(label, axis=(0, 1))
+            present = np.flatnonzero(areas)
+            print(f"{name}/Case{case:02d}: gland {int(areas.sum())} voxels in slices {present.min()}-{present.max()}"
+                  f" (max {int(areas.max())} px/slice, {int((areas > 200).sum())} slices > 200 px)", flush=True)
+        sites[name] = dict(site=site["letter"], cases=cases_per_site, spacing=spacing,
+                           orientation=site["orientation"], dtype=site["dtype"])
+    n = cases_per_site * len(sites)
+    per_site = ", ".join(f"{name} {info['cases']}" for name, info in sites.items())
+    line = f"prostate phantom: {n} cases ({per_site}), shape {dims}, seed {seed} -> {out}"
+    return dict(kind="prostate", out_dir=str(out), shape=dims, seed=seed, sites=sites, summary=line)
+
+
+if __name__ == "__main__":
+    fire.Fire({"prostate": prostate}, serialize=_summary_line)
