@@ -211,7 +211,7 @@ PROSTATE_SITES = {
 #: in-plane size of the real multi-site copy, at which ``spacing`` above holds
 PROSTATE_REAL_SIZE = 384
 #: T2 intensities of the tissues (before the site's scale, bias field and noise)
-PROSTATE_TISSUE = dict(body=0.33, fat=0.62, muscle=0.2, rectum_wall=0.3, rectum_lumen=0.05,
+PROSTATE_TISSUE = dict(body=0.33, fat=0.52, muscle=0.2, rectum_wall=0.3, rectum_lumen=0.05,
                        capsule=0.2, pz=0.86, cg=0.72, bladder=1.1)
 
 
@@ -220,9 +220,9 @@ def _prostate_bias(kind: str, rng: np.random.Generator, u: np.ndarray, v: np.nda
     """The site's multiplicative receive field on the centred grid (u right-left, v anterior-posterior, t slices)."""
     if kind == "surface":  # phased array: a strong gradient (brighter anterior-left) and brighter periphery
         angle = -0.6 * np.pi + rng.uniform(-0.35, 0.35)
-        strength = rng.uniform(0.4, 0.55)
+        strength = rng.uniform(0.35, 0.5)
         return polynomial_field((u, v, t), (strength * np.cos(angle), strength * np.sin(angle), rng.uniform(-0.12, 0.12)),
-                                (rng.uniform(0.1, 0.3), rng.uniform(0.1, 0.3)))
+                                (rng.uniform(0.05, 0.15), rng.uniform(0.05, 0.15)))
     if kind == "endorectal":  # a bright spot around the coil in the rectum, posterior to the gland
         spot = gaussian_spot((u, v, t), (coil[0], coil[1] - 0.08, rng.uniform(-0.2, 0.2)),
                              (rng.uniform(0.2, 0.26), rng.uniform(0.16, 0.2), 1.4))
@@ -272,7 +272,7 @@ def _prostate_case(shape: tuple[int, int, int], site: dict, rng: np.random.Gener
 
     # surrounding anatomy (constant through the slices except the bladder)
     body = ellipse(u, v, (0.0, 0.02), (0.9, 0.72))
-    fat = body & ~ellipse(u, v, (0.0, 0.02), (0.82, 0.64))
+    fat = body & ~ellipse(u, v, (0.0, 0.02), (0.84, 0.66))
     muscles = ellipse(u, v, (gu - au - 0.2, gv), (0.11, 0.26)) | ellipse(u, v, (gu + au + 0.2, gv), (0.11, 0.26))
     coil = (gu, gv + av / 1.15 + 0.14)
     lumen_r = 0.1 if site["bias"] == "endorectal" else 0.06  # the endorectal coil's balloon distends it

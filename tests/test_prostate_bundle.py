@@ -143,7 +143,8 @@ def test_resume_continues_from_last_epoch(data, tmp_path):
     proc = bundle_run(BUNDLE, ["train.json"], cwd=tmp_path, run_id="training", epochs=2, **args)
     assert "resumed from" in proc.stdout + proc.stderr and "at epoch 1" in proc.stdout + proc.stderr
     state = torch.load(tmp_path / "models" / "resume" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert state["trainer"]["epoch"] == 2
+    trainer = state["trainer"]  # ignite keeps the iteration count; 2 epochs done in total
+    assert trainer["iteration"] == 2 * trainer["epoch_length"]
 
 
 def _break_dataset(data: Path, out: Path) -> dict[str, str]:
@@ -237,3 +238,27 @@ def test_model_zoo_checks(trained, tmp_path):
     )
     proc = run([sys.executable, "-c", compare], cwd=tmp_path, env=env)
     assert "TORCHSCRIPT_MATCHES" in proc.stdout
+
+
+def test_pretrained_path_loads_a_local_imagenet_encoder(tmp_path):
+    """``pretrained_path``: a 3-channel ImageNet encoder checkpoint, adapted to 1 input channel as smp does."""
+    check = textwrap.dedent(
+        f"""
+        import sys, torch, segmentation_models_pytorch as smp
+        sys.path.insert(0, {str(BUNDLES / BUNDLE)!r})
+        from scripts.net import ProstateSegNet
+        torch.manual_seed(0)
+        source = smp.encoders.get_encoder("resnet18", in_channels=3, weights=None)
+        torch.save(source.state_dict(), "encoder.pt")
+        net = ProstateSegNet(arch="Unet", encoder_name="resnet18", pretrained_path="encoder.pt")
+        got, ref = net.model.encoder.state_dict(), source.state_dict()
+        assert got["conv1.weight"].shape[1] == 1
+        assert torch.allclose(got["conv1.weight"], ref["conv1.weight"].sum(1, keepdim=True))
+        assert all(torch.equal(got[k], ref[k]) for k in ref if k != "conv1.weight" and k in got)
+        fresh = ProstateSegNet(arch="Unet", encoder_name="resnet18")
+        assert not torch.equal(fresh.model.encoder.state_dict()["layer1.0.conv1.weight"], ref["layer1.0.conv1.weight"])
+        print("PRETRAINED_OK")
+        """
+    )
+    proc = run([sys.executable, "-c", check], cwd=tmp_path)
+    assert "PRETRAINED_OK" in proc.stdout

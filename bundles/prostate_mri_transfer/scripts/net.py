@@ -69,11 +69,12 @@ class ProstateSegNet(nn.Module):
             raise
         if pretrained_path:
             state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-            missing, unexpected = self.model.encoder.load_state_dict(state, strict=False)
-            loaded = len(state) - len(unexpected)
-            if loaded == 0:
+            own = self.model.encoder.state_dict()
+            matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+            if not matched:
                 raise ValueError(f"{pretrained_path}: no tensor matches the '{encoder_name}' encoder.")
-            logger.info("loaded %d encoder tensors from %s (missing %d)", loaded, pretrained_path, len(missing))
+            self.model.encoder.load_state_dict({**own, **matched})
+            logger.info("loaded %d/%d encoder tensors from %s", len(matched), len(own), pretrained_path)
             if in_channels != 3:
                 self.model.encoder.set_in_channels(in_channels, pretrained=True)
         self.register_buffer("intensity_mean", torch.zeros(()))
