@@ -51,19 +51,22 @@ def _workflow(config_files: list[str], **overrides):
     return wf
 
 
-def bench_training(work: Path, data: Path, image_size: int, encoder: str, batch_size: int, iters: int) -> dict:
+def bench_training(work: Path, data: Path, image_size: int, encoder: str, batch_size: int) -> dict:
     from ignite.engine import Events
 
     wf = _workflow(["train.json"], bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC", "BMC"],
                    image_size=image_size, encoder=encoder, batch_size=batch_size, epochs=1, resume=False)
     wf.parser.get_parsed_content("train#intensity_stats")
     trainer = wf.parser.get_parsed_content("train#trainer")
-    trainer.state.epoch_length = min(iters, len(trainer.data_loader))
+    trainer.state.max_epochs = 2
     # the window from ITERATION_STARTED to the end of the ITERATION_COMPLETED handlers holds the
     # whole bundle iteration (post-processing and metric included) and no data loading
     marks, times = {}, []
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: marks.__setitem__("t", time.perf_counter()))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: times.append(time.perf_counter() - marks["t"]))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: times.append((time.perf_counter() - marks["t"], len(e.state.batch))),
+    )
     trainer.run()
     network, loss_fn, optimizer = trainer.network, trainer.loss_function, trainer.optimizer
     batch = next(iter(trainer.data_loader))
@@ -77,9 +80,10 @@ def bench_training(work: Path, data: Path, image_size: int, encoder: str, batch_
         loss.backward()
         optimizer.step()
 
-    hand = [_timeit(hand_iteration, 1, warmup=0) for _ in range(len(times))]
-    b, h = float(np.median(times[1:])), float(np.median(hand[1:]))  # first iteration of each is warm-up
-    return {"bundle_iter_s": b, "hand_iter_s": h, "ratio": b / h, "batch": tuple(images.shape), "iters": len(times)}
+    full = [t for t, n in times[1:] if n == batch_size]  # first iteration is warm-up; partial batches differ
+    hand = [_timeit(hand_iteration, 1, warmup=0) for _ in range(len(full) + 1)][1:]
+    b, h = float(np.median(full)), float(np.median(hand))
+    return {"bundle_iter_s": b, "hand_iter_s": h, "ratio": b / h, "batch": tuple(images.shape), "iters": len(full)}
 
 
 def bench_data_loading(work: Path, data: Path, image_size: int) -> dict:
@@ -120,7 +124,9 @@ def bench_inference(work: Path, data: Path, image_size: int, encoder: str, repea
     single = SliceInferer(roi_size=(image_size, image_size), sw_batch_size=1, spatial_dim=2, progress=False)
     with torch.no_grad():
         out_b, out_s = batched(volume, network), single(volume, network)
-        assert torch.allclose(out_b, out_s, atol=1e-4), "batched and per-slice inference disagree"
+        # same logits up to float reassociation of batched convolutions
+        rel = float((out_b - out_s).abs().max() / out_s.abs().max())
+        assert rel < 1e-4, f"batched and per-slice inference disagree (max relative difference {rel:.2e})"
         t_b = _timeit(lambda: batched(volume, network), repeat)
         t_s = _timeit(lambda: single(volume, network), repeat)
     return {"batched_s": t_b, "per_slice_s": t_s, "ratio": t_b / t_s, "slices": n_slices}
@@ -149,7 +155,7 @@ def bench_n4(work: Path, shape: tuple[int, int, int]) -> dict:
             "shape": tuple(image.shape[1:]), "default_shrink": default.shrink_factor}
 
 
-def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int = 16, iters: int = 10,
+def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int = 16,
          repeat: int = 5, n4_shape: tuple = (320, 320, 20), cases_per_site: int = 6, phantom_shape: tuple = (64, 64, 16)) -> None:
     """Run the four benchmarks and print their ratios.
 
@@ -157,7 +163,6 @@ def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int
         image_size: slice size the network sees.
         encoder: smp encoder of the UNet++ (the paper's is efficientnet-b3).
         batch_size: training batch (paper: 16).
-        iters: timed training iterations per side.
         repeat: timed inference repetitions per side.
         n4_shape: phantom volume for the N4 benchmark (a real T2 volume is about 320×320×20).
         cases_per_site: phantom cases per site for the training/data-loading benchmarks.
@@ -177,9 +182,9 @@ def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int
         print(f"[data]      epoch 1 {d['epoch1_s']:.2f} s (N4 + cache fill, {d['volumes']} volumes, {d['slices']} slices), "
               f"epoch 2 {d['epoch2_s']:.3f} s -> epoch-2 / epoch-1 = {d['ratio']:.4f}; "
               f"new run on the warm disk cache {d['warm_disk_s']:.2f} s ({d['warm_ratio']:.3f} of epoch 1)")
-        results["train"] = t = bench_training(work, data, image_size, encoder, batch_size, iters)
+        results["train"] = t = bench_training(work, data, image_size, encoder, batch_size)
         print(f"[train]     batch {t['batch']}: bundle iteration {t['bundle_iter_s']:.3f} s, hand-written loop "
-              f"{t['hand_iter_s']:.3f} s -> bundle / hand = {t['ratio']:.3f}")
+              f"{t['hand_iter_s']:.3f} s (medians of {t['iters']} full batches) -> bundle / hand = {t['ratio']:.3f}")
         results["infer"] = i = bench_inference(work, data, image_size, encoder, repeat)
         print(f"[inference] one volume of {i['slices']} slices: batched (16) {i['batched_s']:.3f} s, per slice "
               f"{i['per_slice_s']:.3f} s -> batched / per-slice = {i['ratio']:.3f}")
