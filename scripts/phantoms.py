@@ -241,7 +241,7 @@ def _prostate_case(shape: tuple[int, int, int], site: dict, rng: np.random.Gener
     z = np.arange(nz, dtype=float).reshape(1, 1, -1)
     t = (z - (nz - 1) / 2.0) / (nz / 2.0)
     tissue = PROSTATE_TISSUE
-    contrast = rng.uniform(0.9, 1.1)  # per-case T2 contrast
+    contrast = rng.uniform(0.95, 1.05)  # per-case T2 contrast
 
     # gland geometry: semi-axes (left-right, anterior-posterior) in field-of-view units, centre,
     # craniocaudal half-length in slices (spanning most but not all slices)
@@ -296,7 +296,7 @@ def _prostate_case(shape: tuple[int, int, int], site: dict, rng: np.random.Gener
     img = np.where(cg, tissue["cg"] * contrast * (1.0 + 0.08 * texture + 0.04 * coarse), img)  # nodular
 
     field = _prostate_bias(site["bias"], rng, u, v, t, coil)
-    gain = site["scale"] * rng.uniform(0.85, 1.15)
+    gain = site["scale"] * rng.uniform(0.92, 1.08)  # per-case receiver gain
     img = rician(rng, img * field * gain, site["noise"] * site["scale"])
 
     label = np.zeros(spatial, np.uint8)
@@ -360,5 +360,108 @@ def prostate(out_dir: str, cases_per_site: int = 6, shape: Sequence[int] | str =
     return dict(kind="prostate", out_dir=str(out), shape=dims, seed=seed, sites=sites, summary=line)
 
 
+# ----------------------------------------------------------------------------------------
+# liver: LiTS CT (source) and arterial-phase liver MRI (target)
+# ----------------------------------------------------------------------------------------
+
+
+def _liver_anatomy(shape: tuple[int, int, int], rng: np.random.Generator, z_extent: tuple[float, float],
+                   n_tumours: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Body, liver and tumour masks on a ``shape`` grid; the liver spans ``z_extent`` (-1..1 units)."""
+    u, v, t = centred_grid(shape)
+    body = ellipse(u, v, (0.0, 0.0), (0.85, 0.65)) & np.ones(shape, bool)
+    cu, cv = rng.uniform(-0.35, -0.25), rng.uniform(-0.1, 0.1)
+    au, av = rng.uniform(0.35, 0.45), rng.uniform(0.3, 0.38)
+    zc, zh = (z_extent[0] + z_extent[1]) / 2, (z_extent[1] - z_extent[0]) / 2
+    taper = np.clip(1.0 - ((t - zc) / zh) ** 2, 0.0, None) ** 0.5
+    liver = (((u - cu) / au) ** 2 + ((v - cv) / av) ** 2 < taper ** 2) & body
+    tumour = np.zeros(shape, bool)
+    coords = np.argwhere(liver)
+    for _ in range(n_tumours):
+        centre = coords[rng.integers(len(coords))] if len(coords) else np.array(shape) // 2
+        radius = rng.uniform(0.06, 0.11) * shape[0]
+        zz = np.arange(shape[2]).reshape(1, 1, -1)
+        xx, yy = np.arange(shape[0]).reshape(-1, 1, 1), np.arange(shape[1]).reshape(1, -1, 1)
+        scale_z = shape[0] / shape[2] * 0.5
+        ball = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 + ((zz - centre[2]) * scale_z) ** 2 < radius ** 2
+        tumour |= ball & liver
+    return body, liver, tumour
+
+
+def liver_ct(out_dir: str, cases: int = 4, shape: Sequence[int] | str = (64, 64, 40), seed: int = 0) -> dict:
+    """Write a LiTS-layout CT phantom: ``Training Batch 1|2/volume-N.nii`` + ``segmentation-N.nii``.
+
+    CT in Hounsfield units (int16): air, soft tissue, a spine, a liver (labels 1) spanning the
+    middle of the stack (so slices above and below have no liver) with hypodense tumours (2).
+
+    Args:
+        out_dir: dataset root to create.
+        cases: number of volumes (the first half in ``Training Batch 1``, the rest in ``Training Batch 2``).
+        shape: ``(X, Y, Z)`` of each volume.
+        seed: random seed; the same seed gives identical files.
+    """
+    shape = parse_shape(shape, minimum=(16, 16, 8))
+    out = Path(out_dir)
+    for n in range(cases):
+        rng = rng_for(seed, "liver_ct", n)
+        body, liver, tumour = _liver_anatomy(shape, rng, (rng.uniform(-0.5, -0.3), rng.uniform(0.3, 0.5)), int(rng.integers(1, 4)))
+        u, v, _ = centred_grid(shape)
+        hu = np.full(shape, -1000.0)
+        hu[body] = 40.0 + 15.0 * smooth_noise(rng, shape, (3, 3, 1))[body]
+        spine = ellipse(u, v, (0.0, 0.45), (0.1, 0.1)) & np.ones(shape, bool)
+        hu[spine] = 700.0
+        hu[liver] = 60.0 + rng.uniform(-5, 5)
+        hu[tumour] = 15.0 + rng.uniform(-5, 5)
+        hu += rng.normal(0.0, 12.0, shape)
+        label = np.where(tumour, 2, np.where(liver, 1, 0)).astype(np.uint8)
+        folder = out / ("Training Batch 1" if n < (cases + 1) // 2 else "Training Batch 2")
+        affine = affine_for((0.8 * 512 / shape[0], 0.8 * 512 / shape[1], 2.5), "RAS")
+        save_nifti(folder / f"volume-{n}.nii", hu, affine, np.int16)
+        save_nifti(folder / f"segmentation-{n}.nii", label, affine, np.uint8)
+        print(f"{folder.name}/volume-{n}: liver in {int(liver.any(axis=(0, 1)).sum())}/{shape[2]} slices, "
+              f"{int(tumour.sum())} tumour voxels", flush=True)
+    summary = f"liver_ct phantom: {cases} volumes, shape {shape}, seed {seed} -> {out}"
+    return {"summary": summary, "root": str(out), "cases": cases}
+
+
+def liver_mri(out_dir: str, cases: int = 10, shape: Sequence[int] | str = (64, 52, 24), seed: int = 0) -> dict:
+    """Write an arterial-phase liver MRI phantom: ``<case>/artery.nii.gz`` + ``label.nii.gz`` (tumour = 1).
+
+    A contrast unlike CT (liver mid-grey, bright enhancing tumours, smooth coil shading, Rician
+    noise). Two cases are broken on purpose, as in the real collection: ``case_001``'s label
+    has one slice fewer than its image, and ``case_002`` has no label.
+
+    Args:
+        out_dir: dataset root to create.
+        cases: number of case folders (``case_000`` ...), including the two broken ones.
+        shape: ``(X, Y, Z)`` of each volume (the real scans are 320×260×72).
+        seed: random seed; the same seed gives identical files.
+    """
+    shape = parse_shape(shape, minimum=(16, 16, 8))
+    if cases < 3:
+        raise ValueError("liver_mri needs at least 3 cases (two are deliberately broken)")
+    out = Path(out_dir)
+    for n in range(cases):
+        rng = rng_for(seed, "liver_mri", n)
+        body, liver, tumour = _liver_anatomy(shape, rng, (-0.8, 0.8), int(rng.integers(1, 4)))
+        coords = centred_grid(shape)
+        img = np.where(body, 0.35, 0.0) + 0.05 * smooth_noise(rng, shape, (3, 3, 1)) * body
+        img = np.where(liver, 0.5, img)
+        img = np.where(tumour, 0.95, img)
+        img = img * polynomial_field(coords, (rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), 0.0))
+        img = rician(rng, 1000.0 * img, 25.0)
+        label = tumour.astype(np.uint8)
+        folder = out / f"case_{n:03d}"
+        affine = affine_for((1.25 * 320 / shape[0], 1.25 * 260 / shape[1], 3.0), "LPS")
+        save_nifti(folder / "artery.nii.gz", img, affine, np.float32)
+        if n == 1:  # image/label shape mismatch
+            save_nifti(folder / "label.nii.gz", label[..., :-1], affine, np.uint8)
+        elif n != 2:  # case_002 has no label
+            save_nifti(folder / "label.nii.gz", label, affine, np.uint8)
+        print(f"{folder.name}: {int(tumour.sum())} tumour voxels" + {1: " (label shape mismatch)", 2: " (no label)"}.get(n, ""), flush=True)
+    summary = f"liver_mri phantom: {cases} cases (2 broken on purpose), shape {shape}, seed {seed} -> {out}"
+    return {"summary": summary, "root": str(out), "cases": cases}
+
+
 if __name__ == "__main__":
-    fire.Fire({"prostate": prostate}, serialize=_summary_line)
+    fire.Fire({"prostate": prostate, "liver_ct": liver_ct, "liver_mri": liver_mri}, serialize=_summary_line)

@@ -17,6 +17,7 @@ from pathlib import Path
 import fire
 import numpy as np
 from bundle_cli import bundle_cmd, run_logged
+from tables import heatmap, write_csv
 
 BUNDLE = "prostate_mri_transfer"
 SITE_FOLDERS = {"A": "RUNMC", "B": "BMC", "C": "I2CVB"}
@@ -87,10 +88,7 @@ def main(
 
 def write_tables(rows: list[dict], out: Path, site: str, epochs: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "table2.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "table2.csv")
     archs = list(dict.fromkeys(r["arch"] for r in rows))
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
     cell = {(r["encoder"], r["arch"]): r for r in rows}
@@ -105,24 +103,8 @@ def write_tables(rows: list[dict], out: Path, site: str, epochs: int) -> None:
         lines.append(f"| {enc} | " + " | ".join(cells) + " |")
     (out / "table2.md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grid = np.array([[cell[(e, a)]["val_dice_mean"] if (e, a) in cell else np.nan for a in archs] for e in encoders])
-    fig, ax = plt.subplots(figsize=(1.6 * len(archs) + 3, 0.5 * len(encoders) + 1.5))
-    im = ax.imshow(grid, cmap="YlGnBu", aspect="auto")
-    ax.set_xticks(range(len(archs)), archs)
-    ax.set_yticks(range(len(encoders)), encoders)
-    for i in range(len(encoders)):
-        for j in range(len(archs)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="validation Dice %")
-    fig.tight_layout()
-    fig.savefig(out / "table2_heatmap.png", dpi=110)
-    plt.close(fig)
+    heatmap(grid, encoders, archs, out / "table2_heatmap.png", f"validation Dice on site {site}", "validation Dice %")
     print(f"\nwrote {out / 'table2.csv'}, {out / 'table2.md'}, {out / 'table2_heatmap.png'}")
     print("\n".join(lines))
 

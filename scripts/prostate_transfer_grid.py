@@ -23,7 +23,9 @@ import json
 from pathlib import Path
 
 import fire
+import numpy as np
 from bundle_cli import bundle_cmd, run_logged
+from tables import heatmap, write_csv
 
 BUNDLE = "prostate_mri_transfer"
 SITE_FOLDERS = {"A": "RUNMC", "B": "BMC", "C": "I2CVB"}
@@ -139,10 +141,7 @@ def main(
 
 def write_tables(rows: list[dict], out: Path, epochs: int, folds) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "table3.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "table3.csv")
     lines = [
         f"Test Dice/IoU (%) per target site; {epochs} epochs per stage, best of folds {list(folds)} by validation Dice.",
         "",
@@ -155,36 +154,15 @@ def write_tables(rows: list[dict], out: Path, epochs: int, folds) -> None:
             f"{r['paper_dice'] if r['paper_dice'] is not None else '-'} | {r['paper_iou'] if r['paper_iou'] is not None else '-'} |"
         )
     (out / "table3.md").write_text("\n".join(lines) + "\n")
-    heatmap(rows, out / "table3_heatmap.png")
-    print(f"\nwrote {out / 'table3.csv'}, {out / 'table3.md'}, {out / 'table3_heatmap.png'}")
-    print("\n".join(lines))
-
-
-def heatmap(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     sources = list(dict.fromkeys(r["source"] for r in rows))
     targets = list(dict.fromkeys(r["target"] for r in rows))
     grid = np.full((len(sources), len(targets)), np.nan)
     for r in rows:
         grid[sources.index(r["source"]), targets.index(r["target"])] = r["test_dice"]
-    fig, ax = plt.subplots(figsize=(1.8 * len(targets) + 3, 0.5 * len(sources) + 1.5))
-    im = ax.imshow(grid, cmap="YlGnBu", aspect="auto")
-    ax.set_xticks(range(len(targets)), [f"→ {t}" for t in targets])
-    ax.set_yticks(range(len(sources)), sources)
-    for i in range(len(sources)):
-        for j in range(len(targets)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="test Dice %")
-    ax.set_title("in-domain transfer: test Dice per target site")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    heatmap(grid, sources, [f"→ {t}" for t in targets], out / "table3_heatmap.png",
+            "in-domain transfer: test Dice per target site", "test Dice %")
+    print(f"\nwrote {out / 'table3.csv'}, {out / 'table3.md'}, {out / 'table3_heatmap.png'}")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

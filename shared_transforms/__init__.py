@@ -10,6 +10,8 @@ from .slices import SelectSlices, SelectSlicesd
 
 from . import datalist  # noqa: F401  (configs call shared_transforms.datalist.list_images(...))
 
+
+
 __version__ = "0.1.0"
 
 __all__ = [

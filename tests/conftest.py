@@ -1,5 +1,7 @@
 import sys
 from pathlib import Path
 
-# tests import their helpers module; the repository's scripts/ is deliberately not a package
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS = Path(__file__).resolve().parent
+# tests import their helpers module and the repository's tools, which are plain modules in
+# scripts/ (deliberately not a package: every bundle has its own `scripts` package)
+sys.path[:0] = [str(TESTS), str(TESTS.parent / "scripts")]

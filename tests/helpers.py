@@ -7,10 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))  # the repository's tools are plain modules, not a package
-
-from bundle_cli import BUNDLES, PHANTOMS, bundle_cmd  # noqa: E402
+from bundle_cli import BUNDLES, PHANTOMS, REPO, bundle_cmd  # scripts/ is on the path (conftest.py)
 
 __all__ = ["REPO", "BUNDLES", "PHANTOMS", "run", "bundle_run", "make_phantoms"]
 

@@ -8,7 +8,6 @@ slices, a smaller encoder, few epochs) through config overrides only.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import shutil
 import sys

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from monai.transforms import Transform
 from shared_transforms.datalist import fold_datalist, list_images, scan_cases, split_cases
 from shared_transforms.handlers import ResumeCheckpoint, SegmentationReport, dice_iou
 
@@ -159,3 +159,41 @@ def test_resume_checkpoint_restores_state_and_respects_fingerprint(tmp_path):
     ResumeCheckpoint(str(path), {"model": model3, "optimizer": opt3}, fingerprint="run-b").attach(third)
     third.run([0, 0], max_epochs=1)
     assert third.state.iteration == 2
+
+
+class _CountingSlicer(Transform):
+    """A deterministic MONAI transform: (C, X, Y, Z) volume -> one dict per slice; counts its calls.
+
+    (PersistentDataset caches MONAI ``Transform``s only: anything else counts as random.)
+    """
+
+    calls = 0
+
+    def __call__(self, case):
+        if case["image"] is None:
+            raise ValueError("cannot read this case")
+        type(self).calls += 1
+        volume = torch.as_tensor(case["image"], dtype=torch.float32)
+        return [{"image": volume[..., k], "case": case["case"]} for k in range(volume.shape[-1])]
+
+
+def test_slice_dataset_flattens_caches_and_skips_broken_cases(tmp_path):
+    from shared_transforms.datasets import SliceDataset
+
+    rng = np.random.default_rng(0)
+    data = [
+        {"case": "a", "image": rng.normal(3.0, 2.0, (1, 4, 4, 3)).tolist()},
+        {"case": "broken", "image": None},
+        {"case": "b", "image": rng.normal(3.0, 2.0, (1, 4, 4, 2)).tolist()},
+    ]
+    _CountingSlicer.calls = 0
+    ds = SliceDataset(data, _CountingSlicer(), cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 5 and [ds[i]["case"] for i in range(5)] == ["a", "a", "a", "b", "b"]
+    assert [s["case"] for s in ds.skipped] == ["broken"] and "cannot read" in ds.skipped[0]["reason"]
+    assert _CountingSlicer.calls == 2
+    again = SliceDataset(data, _CountingSlicer(), cache_dir=str(tmp_path / "cache"))
+    assert _CountingSlicer.calls == 2, "a warm cache must not rerun the volume transform"
+    assert torch.equal(again[4]["image"], ds[4]["image"])
+    pixels = np.concatenate([np.asarray(d["image"]).ravel() for d in data if d["image"] is not None])
+    stats = ds.intensity_stats()
+    assert stats["mean"] == pytest.approx(pixels.mean(), rel=1e-6) and stats["std"] == pytest.approx(pixels.std(), rel=1e-5)
