@@ -26,64 +26,16 @@ from pathlib import Path
 import fire
 import numpy as np
 import torch
+from bench_utils import timeit, training_iteration_ratio, workflow
 from bundle_cli import BUNDLES, make_phantoms
 
 BUNDLE_ROOT = BUNDLES / "prostate_mri_transfer"
 
 
-def _timeit(fn, repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _workflow(config_files: list[str], **overrides):
-    from monai.bundle import ConfigWorkflow
-
-    files = [str(BUNDLE_ROOT / "configs" / f) for f in config_files]
-    wf = ConfigWorkflow(config_file=files, workflow_type=None, logging_file=False, **overrides)
-    wf.initialize()
-    return wf
-
-
 def bench_training(work: Path, data: Path, image_size: int, encoder: str, batch_size: int) -> dict:
-    from ignite.engine import Events
-
-    wf = _workflow(["train.json"], bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC", "BMC"],
-                   image_size=image_size, encoder=encoder, batch_size=batch_size, epochs=1, resume=False)
-    wf.parser.get_parsed_content("train#intensity_stats")
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    trainer.state.max_epochs = 2
-    # the window from ITERATION_STARTED to the end of the ITERATION_COMPLETED handlers holds the
-    # whole bundle iteration (post-processing and metric included) and no data loading
-    marks, times = {}, []
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: marks.__setitem__("t", time.perf_counter()))
-    trainer.add_event_handler(
-        Events.ITERATION_COMPLETED,
-        lambda e: times.append((time.perf_counter() - marks["t"], len(e.state.batch))),
-    )
-    trainer.run()
-    network, loss_fn, optimizer = trainer.network, trainer.loss_function, trainer.optimizer
-    batch = next(iter(trainer.data_loader))
-    device = wf.parser.get_parsed_content("device")
-    images, labels = batch["image"].to(device), batch["label"].to(device)
-
-    def hand_iteration():
-        network.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(images), labels)
-        loss.backward()
-        optimizer.step()
-
-    full = [t for t, n in times[1:] if n == batch_size]  # first iteration is warm-up; partial batches differ
-    hand = [_timeit(hand_iteration, 1, warmup=0) for _ in range(len(full) + 1)][1:]
-    b, h = float(np.median(full)), float(np.median(hand))
-    return {"bundle_iter_s": b, "hand_iter_s": h, "ratio": b / h, "batch": tuple(images.shape), "iters": len(full)}
+    wf = workflow(BUNDLE_ROOT, ["train.json"], bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC", "BMC"],
+                  image_size=image_size, encoder=encoder, batch_size=batch_size, epochs=1, resume=False)
+    return training_iteration_ratio(wf, batch_size, before_run=("train#intensity_stats",))
 
 
 def bench_data_loading(work: Path, data: Path, image_size: int) -> dict:
@@ -91,7 +43,7 @@ def bench_data_loading(work: Path, data: Path, image_size: int) -> dict:
 
     overrides = dict(bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC", "BMC"], image_size=image_size,
                      cache_dir=str(work / "fresh_cache"), epochs=1)
-    wf = _workflow(["train.json"], **overrides)
+    wf = workflow(BUNDLE_ROOT, ["train.json"], **overrides)
     start = time.perf_counter()
     dataset = wf.parser.get_parsed_content("train#dataset")  # builds slices: N4 on every volume, fills the cache
     loader = DataLoader(dataset, batch_size=16, shuffle=True, num_workers=0)
@@ -101,7 +53,7 @@ def bench_data_loading(work: Path, data: Path, image_size: int) -> dict:
     n2 = sum(len(b["image"]) for b in loader)
     epoch2 = time.perf_counter() - start
     # a new run over the same data: volumes come from the on-disk cache
-    wf2 = _workflow(["train.json"], **overrides)
+    wf2 = workflow(BUNDLE_ROOT, ["train.json"], **overrides)
     start = time.perf_counter()
     dataset2 = wf2.parser.get_parsed_content("train#dataset")
     n3 = sum(len(b["image"]) for b in DataLoader(dataset2, batch_size=16, shuffle=True, num_workers=0))
@@ -114,7 +66,7 @@ def bench_data_loading(work: Path, data: Path, image_size: int) -> dict:
 def bench_inference(work: Path, data: Path, image_size: int, encoder: str, repeat: int) -> dict:
     from monai.inferers import SliceInferer
 
-    wf = _workflow(["inference.json"], bundle_root=str(work), dataset_dir=str(data / "RUNMC"),
+    wf = workflow(BUNDLE_ROOT, ["inference.json"], bundle_root=str(work), dataset_dir=str(data / "RUNMC"),
                    image_size=image_size, encoder=encoder)
     network = wf.parser.get_parsed_content("network").eval()
     item = wf.parser.get_parsed_content("dataset")[0]
@@ -127,8 +79,8 @@ def bench_inference(work: Path, data: Path, image_size: int, encoder: str, repea
         # same logits up to float reassociation of batched convolutions
         rel = float((out_b - out_s).abs().max() / out_s.abs().max())
         assert rel < 1e-4, f"batched and per-slice inference disagree (max relative difference {rel:.2e})"
-        t_b = _timeit(lambda: batched(volume, network), repeat)
-        t_s = _timeit(lambda: single(volume, network), repeat)
+        t_b = timeit(lambda: batched(volume, network), repeat)
+        t_s = timeit(lambda: single(volume, network), repeat)
     return {"batched_s": t_b, "per_slice_s": t_s, "ratio": t_b / t_s, "slices": n_slices}
 
 

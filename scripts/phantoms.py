@@ -212,7 +212,7 @@ PROSTATE_SITES = {
 PROSTATE_REAL_SIZE = 384
 #: T2 intensities of the tissues (before the site's scale, bias field and noise)
 PROSTATE_TISSUE = dict(body=0.33, fat=0.52, muscle=0.2, rectum_wall=0.3, rectum_lumen=0.05,
-                       capsule=0.2, pz=0.86, cg=0.72, bladder=1.1)
+                       capsule=0.15, pz=0.86, cg=0.78, bladder=1.1)
 
 
 def _prostate_bias(kind: str, rng: np.random.Generator, u: np.ndarray, v: np.ndarray, t: np.ndarray,

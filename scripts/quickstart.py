@@ -51,8 +51,40 @@ def prostate_mri_transfer(out: Path, epochs: int) -> dict:
     }
 
 
+def liver_ct_mri_transfer(out: Path, epochs: int) -> dict:
+    """Pre-train on phantom LiTS CT, fine-tune on phantom MRI (model B), evaluate, segment the test volumes."""
+    bundle = "liver_ct_mri_transfer"
+    root = out / bundle
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "quickstart.log"
+    ct = make_phantoms("liver_ct", out / "data" / "liver_ct", log, cases=4, shape="(64,64,24)")
+    mri = make_phantoms("liver_mri", out / "data" / "liver_mri", log, cases=10, shape="(64,52,16)")
+    small = dict(bundle_root=str(root), image_size=64, channels=[16, 32, 64, 128])
+    run_logged(bundle_cmd(bundle, ["train.json", "pretrain_ct.json"], "training", dataset_dir=str(ct), epochs=max(1, epochs // 4),
+                          val_fraction=0.25, resume=False, **small), log)
+    run_logged(bundle_cmd(bundle, ["train.json"], "training", dataset_dir=str(mri), transfer="finetune",
+                          source_ckpt=str(root / "models" / "ct" / "model.pt"), epochs=epochs, batch_size=8, resume=False, **small), log)
+    run_logged(bundle_cmd(bundle, ["train.json", "evaluate.json"], "evaluating", dataset_dir=str(mri), **small), log)
+    infer_out = root / "eval" / "inference"
+    run_logged(bundle_cmd(bundle, ["inference.json"], "run", dataset_dir=str(mri / "case_009"), output_dir=str(infer_out),
+                          datalist=[{"image": str(mri / "case_009" / "artery.nii.gz")}], **small), log)
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    return {
+        "bundle": bundle,
+        "dice": metrics["mean_dice"],
+        "outputs": {
+            "metrics": root / "eval" / "metrics.csv",
+            "overlays": root / "eval" / "overlays",
+            "masks": infer_out,
+            "tensorboard": root / "eval" / "tensorboard",
+            "learning curves": root / "eval" / "learning_curves.png",
+            "dropped cases": root / "eval" / "bad_cases.json",
+        },
+    }
+
+
 #: one recipe per bundle; a bundle added to bundles/ adds its recipe here
-RECIPES = {"prostate_mri_transfer": prostate_mri_transfer}
+RECIPES = {"prostate_mri_transfer": prostate_mri_transfer, "liver_ct_mri_transfer": liver_ct_mri_transfer}
 
 
 def main(out_dir: str = "quickstart_outputs", names: list[str] | None = None, epochs: int = 20) -> None:

@@ -138,6 +138,8 @@ class LearningCurves:
 
     def _epoch_completed(self, engine) -> None:
         row = {"epoch": engine.state.epoch, "train_loss": float(np.mean(self._losses)) if self._losses else math.nan}
+        # ignite stores the epoch's duration (training iterations only) before firing EPOCH_COMPLETED
+        row["epoch_seconds"] = float(engine.state.times.get("EPOCH_COMPLETED") or math.nan)
         self._losses = []
         if self.evaluator is not None and self.metric_name:
             row[self.metric_name] = float(self.evaluator.state.metrics.get(self.metric_name, math.nan))
