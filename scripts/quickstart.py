@@ -18,6 +18,20 @@ import fire
 from bundle_cli import BUNDLES, bundle_cmd, make_phantoms, run_logged
 
 
+def _result(bundle: str, root: Path, masks: Path, **more_outputs: Path) -> dict:
+    """A bundle's test Dice (from its evaluation) and where its outputs are."""
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    outputs = {
+        "metrics": root / "eval" / "metrics.csv",
+        "overlays": root / "eval" / "overlays",
+        "masks": masks,
+        "tensorboard": root / "eval" / "tensorboard",
+        "learning curves": root / "eval" / "learning_curves.png",
+        **more_outputs,
+    }
+    return {"bundle": bundle, "dice": metrics["mean_dice"], "outputs": outputs}
+
+
 def prostate_mri_transfer(out: Path, epochs: int) -> dict:
     """Train on phantom RUNMC (site A), evaluate on its held-out cases, segment the BMC volumes."""
     bundle = "prostate_mri_transfer"
@@ -37,18 +51,7 @@ def prostate_mri_transfer(out: Path, epochs: int) -> dict:
         ),
         log,
     )
-    metrics = json.loads((root / "eval" / "metrics.json").read_text())
-    return {
-        "bundle": bundle,
-        "dice": metrics["mean_dice"],
-        "outputs": {
-            "metrics": root / "eval" / "metrics.csv",
-            "overlays": root / "eval" / "overlays",
-            "masks": infer_out,
-            "tensorboard": root / "eval" / "tensorboard",
-            "learning curves": root / "eval" / "learning_curves.png",
-        },
-    }
+    return _result(bundle, root, infer_out)
 
 
 def liver_ct_mri_transfer(out: Path, epochs: int) -> dict:
@@ -68,19 +71,7 @@ def liver_ct_mri_transfer(out: Path, epochs: int) -> dict:
     infer_out = root / "eval" / "inference"
     run_logged(bundle_cmd(bundle, ["inference.json"], "run", dataset_dir=str(mri / "case_009"), output_dir=str(infer_out),
                           datalist=[{"image": str(mri / "case_009" / "artery.nii.gz")}], **small), log)
-    metrics = json.loads((root / "eval" / "metrics.json").read_text())
-    return {
-        "bundle": bundle,
-        "dice": metrics["mean_dice"],
-        "outputs": {
-            "metrics": root / "eval" / "metrics.csv",
-            "overlays": root / "eval" / "overlays",
-            "masks": infer_out,
-            "tensorboard": root / "eval" / "tensorboard",
-            "learning curves": root / "eval" / "learning_curves.png",
-            "dropped cases": root / "eval" / "bad_cases.json",
-        },
-    }
+    return _result(bundle, root, infer_out, **{"dropped cases": root / "eval" / "bad_cases.json"})
 
 
 #: one recipe per bundle; a bundle added to bundles/ adds its recipe here

@@ -68,6 +68,15 @@ def test_ct_slice_sampling_counts():
     short[2:6] = True  # fewer than asked: all 4 liver slices, and the 6 liver-free ones
     assert data.sample_slice_indices(short, 30, 20) == list(range(10))
     assert data.sample_slice_indices(np.zeros(5, bool)) == []
+    # the dictionary transform on a hand-built CT volume: liver (1) in slices 40-79, tumour (2) in 50-54
+    label = torch.zeros(1, 8, 8, 100)
+    label[:, 2:6, 2:6, 40:80] = 1
+    label[:, 3:5, 3:5, 50:55] = 2
+    out = data.SampleLiverSlicesd(["image", "label"], n_liver=30, n_background=20)(
+        {"image": torch.rand(1, 8, 8, 100), "label": label, "case": "volume-0"})
+    assert len(out) == 50 and all(o["case"] == "volume-0" and o["image"].shape == (1, 8, 8) for o in out)
+    assert sum(bool((o["label"] >= 1).any()) for o in out) == 30
+    assert [o["slice_index"] for o in out] == sorted(idx)
 
 
 @pytest.fixture(scope="module")
