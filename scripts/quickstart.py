@@ -18,8 +18,9 @@ import fire
 from bundle_cli import BUNDLES, bundle_cmd, make_phantoms, run_logged
 
 
-def _result(bundle: str, root: Path, masks: Path, **more_outputs: Path) -> dict:
-    """A bundle's test Dice (from its evaluation) and where its outputs are."""
+def _result(bundle: str, root: Path, masks: Path, overrides: dict | None = None, **more_outputs: Path) -> dict:
+    """A bundle's test Dice (from its evaluation), where its outputs are and the size overrides it ran with
+    (network and image sizes: its weights fit the bundle's configs with these values)."""
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     outputs = {
         "metrics": root / "eval" / "metrics.csv",
@@ -29,7 +30,7 @@ def _result(bundle: str, root: Path, masks: Path, **more_outputs: Path) -> dict:
         "learning curves": root / "eval" / "learning_curves.png",
         **more_outputs,
     }
-    return {"bundle": bundle, "dice": metrics["mean_dice"], "outputs": outputs}
+    return {"bundle": bundle, "dice": metrics["mean_dice"], "outputs": outputs, "overrides": overrides or {}}
 
 
 def prostate_mri_transfer(out: Path, epochs: int) -> dict:
@@ -51,7 +52,7 @@ def prostate_mri_transfer(out: Path, epochs: int) -> dict:
         ),
         log,
     )
-    return _result(bundle, root, infer_out)
+    return _result(bundle, root, infer_out, overrides={"image_size": 64, "encoder": "timm-efficientnet-b0"})
 
 
 def liver_ct_mri_transfer(out: Path, epochs: int) -> dict:
@@ -71,7 +72,8 @@ def liver_ct_mri_transfer(out: Path, epochs: int) -> dict:
     infer_out = root / "eval" / "inference"
     run_logged(bundle_cmd(bundle, ["inference.json"], "run", dataset_dir=str(mri / "case_009"), output_dir=str(infer_out),
                           datalist=[{"image": str(mri / "case_009" / "artery.nii.gz")}], **small), log)
-    return _result(bundle, root, infer_out, **{"dropped cases": root / "eval" / "bad_cases.json"})
+    return _result(bundle, root, infer_out, overrides={"image_size": 64, "channels": [16, 32, 64, 128]},
+                   **{"dropped cases": root / "eval" / "bad_cases.json"})
 
 
 #: one recipe per bundle; a bundle added to bundles/ adds its recipe here
@@ -99,6 +101,7 @@ def main(out_dir: str = "quickstart_outputs", names: list[str] | None = None, ep
         result = RECIPES[name](out, epochs)
         result["minutes"] = (time.perf_counter() - start) / 60
         results.append(result)
+    (out / "quickstart_results.json").write_text(json.dumps(results, indent=4, default=str) + "\n")
     print("\n| bundle | test Dice % (phantoms) | minutes |\n|---|---:|---:|")
     for r in results:
         print(f"| {r['bundle']} | {r['dice']:.2f} | {r['minutes']:.1f} |")

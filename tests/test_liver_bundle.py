@@ -170,33 +170,6 @@ def test_evaluate_and_inference(chain, tmp_path):
         assert set(np.unique(np.asanyarray(pred.dataobj)).tolist()) <= {0, 1}
 
 
-def test_model_zoo_checks(chain, tmp_path):
-    env = {"PYTHONPATH": str(ROOT)}
-    meta, infer = str(ROOT / "configs" / "metadata.json"), str(ROOT / "configs" / "inference.json")
-    cli = [sys.executable, "-m", "monai.bundle"]
-    schema = Path(__file__).resolve().parents[1] / "scripts" / "schemas" / "meta_schema_20220324.json"
-    run(cli + ["verify_metadata", "--meta_file", meta, "--filepath", str(schema)], cwd=tmp_path, env=env)
-    run(cli + ["verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", infer,
-               "--bundle_root", str(ROOT), "--channels", "[8,16,32,64]"], cwd=tmp_path, env=env)
-    ts = tmp_path / "model.ts"
-    run(cli + ["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file",
-               str(chain["runs"]["finetune"] / "models" / "model.pt"), "--meta_file", meta, "--config_file", infer,
-               "--bundle_root", str(ROOT), "--channels", "[8,16,32,64]"], cwd=tmp_path, env=env)
-    compare = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {str(ROOT)!r})
-        from scripts.net import ResidualUNet
-        net = ResidualUNet(1, 1, [8, 16, 32, 64]).eval()
-        net.load_state_dict(torch.load({str(chain["runs"]["finetune"] / "models" / "model.pt")!r}, weights_only=True))
-        x = torch.rand(2, 1, 64, 48)
-        with torch.no_grad():
-            assert torch.allclose(net(x), torch.jit.load({str(ts)!r})(x), atol=1e-5)
-        print("TORCHSCRIPT_MATCHES")
-        """
-    )
-    assert "TORCHSCRIPT_MATCHES" in run([sys.executable, "-c", compare], cwd=tmp_path).stdout
-
 
 def test_ddp_two_cpu_processes_with_frozen_levels(chain, tmp_path):
     """multi_gpu_train.json under torchrun (gloo): model C trains in 2 processes and saves one checkpoint."""

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLES, REPO, bundle_run, make_phantoms, run
+from helpers import BUNDLES, bundle_run, make_phantoms, run
 
 BUNDLE = "prostate_mri_transfer"
 CONFIGS = BUNDLES / BUNDLE / "configs"
@@ -196,47 +196,6 @@ def test_ddp_two_cpu_processes(data, tmp_path):
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state), "DDP wrapper must not leak into the saved weights"
 
-
-def test_model_zoo_checks(trained, tmp_path):
-    """What the Model Zoo's CI runs: metadata schema, network in/out shapes, TorchScript export."""
-    bundle = BUNDLES / BUNDLE
-    env = {"PYTHONPATH": str(bundle)}  # as the Model Zoo's CI, which puts the bundle on the path
-    schema = REPO / "scripts" / "schemas" / "meta_schema_20220324.json"
-    meta, infer = str(CONFIGS / "metadata.json"), str(CONFIGS / "inference.json")
-    for name in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json",
-                 "configs/evaluate.json", "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md"):
-        assert (bundle / name).is_file(), name
-    metadata = json.loads((CONFIGS / "metadata.json").read_text())
-    assert metadata["version"] in metadata["changelog"]
-    cli = [sys.executable, "-m", "monai.bundle"]
-    run(cli + ["verify_metadata", "--meta_file", meta, "--filepath", str(schema)], cwd=tmp_path, env=env)
-    run(cli + ["verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", infer,
-               "--bundle_root", str(bundle), "--encoder", ENCODER], cwd=tmp_path, env=env)
-    ts = tmp_path / "model.ts"
-    ckpt = trained["work"] / "models" / "model.pt"
-    run(cli + ["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--meta_file", meta,
-               "--config_file", infer, "--bundle_root", str(bundle), "--encoder", ENCODER,
-               "--use_trace", "True", "--input_shape", "[1, 1, 64, 64]"], cwd=tmp_path, env=env)
-    compare = textwrap.dedent(
-        f"""
-        import torch
-        from monai.bundle import ConfigParser
-        parser = ConfigParser()
-        parser.read_config({infer!r})
-        parser.update({{"bundle_root": {str(bundle)!r}, "encoder": {ENCODER!r}}})
-        net = parser.get_parsed_content("network_def").eval()
-        net.load_state_dict(torch.load({str(ckpt)!r}, map_location="cpu", weights_only=True))
-        ts = torch.jit.load({str(ts)!r}).eval()
-        x = torch.rand(2, 1, 64, 64) * 600
-        with torch.no_grad():
-            a, b = net(x), ts(x)
-        assert a.shape == (2, 1, 64, 64)
-        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
-        print("TORCHSCRIPT_MATCHES")
-        """
-    )
-    proc = run([sys.executable, "-c", compare], cwd=tmp_path, env=env)
-    assert "TORCHSCRIPT_MATCHES" in proc.stdout
 
 
 def test_pretrained_path_loads_a_local_imagenet_encoder(tmp_path):
