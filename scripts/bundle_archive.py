@@ -116,7 +116,7 @@ def build_archive(name: str, out_dir: str | os.PathLike, weights_dir: str | os.P
         models = Path(weights_dir) / name / "models"
         if not (models / "model.pt").is_file():
             raise FileNotFoundError(f"{models / 'model.pt'}: missing (weights_dir/<name>/models/model.pt is shipped as the bundle's weights)")
-        for path in _shipped_files(models, {"__pycache__"}):
+        for path in _shipped_files(models, {"__pycache__", "resume"}):  # not the optimizer-state resume checkpoints
             if path.suffix in WEIGHT_SUFFIXES:
                 arcname = f"{name}/models/{path.relative_to(models).as_posix()}"
                 members[arcname] = path.read_bytes()

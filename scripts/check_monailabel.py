@@ -110,6 +110,9 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
     """
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # the monailabel launcher runs `python -m monailabel.main`: its environment's python must come first
+    ml_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    ml_env["PATH"] = f"{Path(monailabel).parent}{os.pathsep}{ml_env.get('PATH', '')}"
     names = list(names) if names else bundle_names()
     results: list[bool] = []
 
@@ -131,7 +134,8 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
                     "--weights_dir", str(qs)], check=True)
     app = work / "apps" / "monaibundle"
     if not app.is_dir():
-        subprocess.run([monailabel, "apps", "--download", "--name", "monaibundle", "--output", str(work / "apps")], check=True)
+        subprocess.run([monailabel, "apps", "--download", "--name", "monaibundle", "--output", str(work / "apps")],
+                       check=True, env=ml_env)
     shutil.rmtree(app / "model", ignore_errors=True)
     index = json.loads((dist / "index.json").read_text())
     for entry in index["bundles"]:
@@ -164,11 +168,10 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
             port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     cmd = [monailabel, "start_server", "--app", str(app), "--studies", str(studies), "--conf", "models", ",".join(names),
            "--conf", "zoo_source", "github", "--conf", "sam2", "false", "--host", "127.0.0.1", "--port", str(port)]
     print("$ " + " ".join(cmd), flush=True)
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=ml_env)
     try:
         info = None
         for _ in range(TIMEOUT_START_S):
@@ -218,8 +221,11 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
             data, _ = _request(f"{url}/train/{train_bundle}?run_sync=true", json.dumps(params).encode(),
                                {"Content-Type": "application/json"}, timeout=1800)
             after = checkpoint.stat().st_mtime if checkpoint.exists() else 0
-            report(after > before, f"/train/{train_bundle} max_epochs 1: {data[:200]!r}; checkpoint {checkpoint} "
-                                   f"{'rewritten' if after > before else 'NOT rewritten'}")
+            log.flush()
+            epochs_done = [ln.strip() for ln in open(work / "server.log") if "SupervisedTrainer" in ln and "Epoch[" in ln]
+            report(after > before and bool(epochs_done),
+                   f"/train/{train_bundle} max_epochs 1: {epochs_done[-1] if epochs_done else 'no trainer epoch in the log'}; "
+                   f"checkpoint {checkpoint} {'rewritten' if after > before else 'NOT rewritten'}")
         except urllib.error.HTTPError as e:
             report(False, f"/train/{train_bundle}: HTTP {e.code} {e.read()[:500]!r}")
     finally:
