@@ -65,14 +65,14 @@ def config_checks(bundle: Path) -> list[tuple[str, list[str], str]]:
     return sorted(checks, key=lambda c: "multi_gpu" in c[0])
 
 
-def _check_properties(files: list[str], kind: str, bundle: Path) -> list[str]:
+def _check_properties(files: list[str], kind: str, bundle: Path, output_root: Path) -> list[str]:
     from monai.bundle import ConfigWorkflow
     from monai.bundle.properties import InferProperties, MetaProperties
 
     workflow = ConfigWorkflow(
         config_file=files if len(files) > 1 else files[0], meta_file=str(bundle / "configs" / "metadata.json"),
         logging_file=str(bundle / "configs" / "logging.conf"), workflow_type="train" if kind == "train" else "infer",
-        bundle_root=str(bundle),
+        bundle_root=str(output_root),  # outputs (logs, caches) go there, never into the bundle
     )
     if kind == "eval":  # an evaluation overlay runs the validation engine of train.json
         properties = {k: dict(v) for k, v in InferProperties.items()}
@@ -205,7 +205,7 @@ def check_one(name: str, work_dir: Path, bundles_dir: Path = BUNDLES) -> bool:
         step("onnx_export -> onnxruntime equals eager", onnx)
     for label, files, kind in config_checks(bundle):
         def properties(files=files, kind=kind):
-            missing = _check_properties(files, kind, bundle)
+            missing = _check_properties(files, kind, bundle, work_dir / "bundle_root")
             if missing:
                 raise AssertionError(f"missing properties {missing}")
             return f"{kind} workflow"
