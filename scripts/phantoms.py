@@ -463,5 +463,110 @@ def liver_mri(out_dir: str, cases: int = 10, shape: Sequence[int] | str = (64, 5
     return {"summary": summary, "root": str(out), "cases": cases}
 
 
+POLYP_TEST_SETS = {
+    "Kvasir": ".jpg", "CVC-ClinicDB": ".png", "CVC-ColonDB": ".png", "ETIS-LaribPolypDB": ".png", "CVC-300": ".png",
+}
+
+
+def _polyp_frame(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One endoscopy-like RGB frame (uint8, H×W×3) and its polyp mask (bool, H×W)."""
+    v, u = centred_grid((height, width))
+    # mucosa: pink-red, smooth folds, fine vessel-like texture, dark lumen, vignetting
+    folds = smooth_noise(rng, (height, width), (height / 8, width / 8))
+    texture = smooth_noise(rng, (height, width), (1.0, 1.0))
+    vessels = np.abs(smooth_noise(rng, (height, width), (2.0, 2.0))) < 0.12
+    lumen = gaussian_spot((v, u), (rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5)), (0.35, 0.35))
+    shade = (1.0 - 0.45 * (u**2 + v**2)) * (1.0 - 0.6 * lumen) * (1.0 + 0.12 * folds)
+    base = np.array([0.82, 0.42, 0.36]) + rng.uniform(-0.06, 0.06, 3)
+    img = base[None, None, :] * shade[..., None] + 0.03 * texture[..., None]
+    img[vessels] *= np.array([0.85, 0.6, 0.62])
+    # polyps: 1-2 raised blobs of varied size with irregular edges, paler and more yellow, shaded
+    mask = np.zeros((height, width), bool)
+    for _ in range(int(rng.integers(1, 3))):
+        radius = rng.uniform(0.12, 0.45)
+        centre = rng.uniform(-0.55, 0.55, 2)
+        angle = np.arctan2(v - centre[0], u - centre[1])
+        wobble = 1.0 + 0.12 * np.sin(3 * angle + rng.uniform(0, 6.3)) + 0.06 * np.sin(5 * angle + rng.uniform(0, 6.3))
+        ecc = rng.uniform(0.7, 1.3)
+        r = np.sqrt(((v - centre[0]) * ecc) ** 2 + ((u - centre[1]) / ecc) ** 2) / (radius * wobble)
+        blob = r < 1.0
+        mask |= blob
+        dome = np.clip(1.0 - r**2, 0.0, 1.0)
+        tint = np.array([0.95, 0.62, 0.45]) + rng.uniform(-0.05, 0.05, 3)
+        img = np.where(blob[..., None], tint[None, None, :] * (0.8 + 0.3 * dome[..., None]) + 0.02 * texture[..., None], img)
+    # specular highlights: small saturated white spots, on polyps and mucosa alike
+    for _ in range(int(rng.integers(3, 8))):
+        spot = gaussian_spot((v, u), rng.uniform(-0.8, 0.8, 2), (rng.uniform(0.01, 0.04),) * 2)
+        img = img + 1.5 * spot[..., None]
+    img = img + rng.normal(0.0, 0.015, img.shape)
+    return (np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8), mask
+
+
+def polyp(out_dir: str, train: int = 12, per_test_set: int = 2, size: int = 64, seed: int = 0, broken: bool = True) -> dict:
+    """Write a polyp phantom in the PraNet layout (Kvasir-SEG + CVC-ClinicDB training, five test sets).
+
+    ``TrainDataset/{images,masks}`` and ``TestDataset/<set>/{images,masks}`` with RGB
+    endoscopy-like frames (textured pink mucosa, dark lumen, specular highlights, 1-2 polyps
+    of varied size) and binary masks (0/255). Sizes vary per image between ``size`` and about
+    1.5·``size``; Kvasir and a third of the training images are .jpg, the rest .png; one
+    CVC-ClinicDB mask is a .tif. With ``broken`` the training folder also holds an image
+    without a mask and a truncated mask, which the bundle reports and skips.
+
+    Args:
+        out_dir: dataset root to create.
+        train: number of (usable) training pairs.
+        per_test_set: pairs per test set.
+        size: smallest image side in pixels.
+        seed: random seed; the same seed gives identical files.
+        broken: add the two deliberately unusable training files.
+    """
+    from PIL import Image
+
+    if size < 32:
+        raise ValueError("size must be at least 32")
+    out = Path(out_dir)
+
+    def write(folder: Path, stem: str, suffix: str, mask_suffix: str, rng: np.random.Generator) -> int:
+        h, w = (int(size * rng.uniform(1.0, 1.5)) for _ in range(2))
+        img, mask = _polyp_frame(rng, h, w)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / "images" / f"{stem}{suffix}", **({"quality": 92} if suffix == ".jpg" else {}))
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"{stem}{mask_suffix}")
+        return int(mask.sum())
+
+    for n in range(train):
+        rng = rng_for(seed, "polyp", "train", n)
+        write(out / "TrainDataset", f"{n + 1}", ".jpg" if n % 3 == 0 else ".png", ".png", rng)
+    for name, suffix in POLYP_TEST_SETS.items():
+        for n in range(per_test_set):
+            rng = rng_for(seed, "polyp", name, n)
+            mask_suffix = ".tif" if (name == "CVC-ClinicDB" and n == 0) else ".png"
+            write(out / "TestDataset" / name, f"{n + 1}", suffix, mask_suffix, rng)
+    if broken:
+        rng = rng_for(seed, "polyp", "broken")
+        img, _ = _polyp_frame(rng, size, size)
+        Image.fromarray(img).save(out / "TrainDataset" / "images" / "unmatched.png")  # no mask
+        write(out / "TrainDataset", "truncated", ".png", ".png", rng)
+        mask_file = out / "TrainDataset" / "masks" / "truncated.png"
+        mask_file.write_bytes(mask_file.read_bytes()[: 40])  # unreadable
+    summary = (f"polyp phantom: {train} training pairs, {per_test_set} per test set x {len(POLYP_TEST_SETS)}"
+               f"{' (+2 broken training files)' if broken else ''}, sizes {size}-{int(1.5 * size)} px, seed {seed} -> {out}")
+    return {"summary": summary, "root": str(out), "train": train, "test_sets": list(POLYP_TEST_SETS)}
+
+
+# ----------------------------------------------------------------------------------------
+# cardiac: M&Ms-2 layout (SA stacks, single-slice LA, ED/ES, LV / MYO / RV)
+# ----------------------------------------------------------------------------------------
+
+#: vendor -> appearance. Two labelled "vendors" differ in contrast and spacing; the third is
+#: the unlabelled out-of-distribution group (inverted contrast, or heavy noise).
+CARDIAC_VENDORS = {
+    "SIEMENS": dict(scanner="Avanto", field="1.5", spacing=1.25, blood=1.0, myo=0.30, tissue=0.45, noise=0.04),
+    "PHILIPS": dict(scanner="Achieva", field="3.0", spacing=1.5, blood=0.8, myo=0.20, tissue=0.55, noise=0.06),
+    "GE": dict(scanner="Signa", field="1.5", spacing=1.4, blood=1.0, myo=0.30, tissue=0.45, noise=0.04),
+}
+
+
 if __name__ == "__main__":
-    fire.Fire({"prostate": prostate, "liver_ct": liver_ct, "liver_mri": liver_mri}, serialize=_summary_line)
+    fire.Fire({"prostate": prostate, "liver_ct": liver_ct, "liver_mri": liver_mri, "polyp": polyp}, serialize=_summary_line)

@@ -153,3 +153,34 @@ def test_importable_helpers(tmp_path):
     assert summary["out_dir"] == str((tmp_path / "d").resolve()) and summary["shape"] == (32, 32, 6)
     assert set(summary["sites"]) == set(SITES)
     assert (tmp_path / "d" / "I2CVB" / "Case00_segmentation.nii.gz").is_file()
+
+
+def test_polyp_layout_formats_and_determinism(tmp_path):
+    """The polyp kind: PraNet layout, RGB frames of mixed sizes, .jpg/.png/.tif, 0/255 masks, two broken files."""
+    from PIL import Image
+
+    out = tmp_path / "polyp"
+    _cli(["polyp", str(out), "--train", "4", "--per_test_set", "2", "--size", "40"], cwd=tmp_path)
+    images = sorted(p.name for p in (out / "TrainDataset" / "images").iterdir())
+    assert images == ["1.jpg", "2.png", "3.png", "4.jpg", "truncated.png", "unmatched.png"]
+    assert sorted(p.name for p in (out / "TrainDataset" / "masks").iterdir()) == ["1.png", "2.png", "3.png", "4.png", "truncated.png"]
+    sets = sorted(p.name for p in (out / "TestDataset").iterdir())
+    assert sets == sorted(["Kvasir", "CVC-ClinicDB", "CVC-ColonDB", "ETIS-LaribPolypDB", "CVC-300"])
+    assert (out / "TestDataset" / "Kvasir" / "images" / "1.jpg").is_file()
+    assert (out / "TestDataset" / "CVC-ClinicDB" / "masks" / "1.tif").is_file()
+    sizes = set()
+    for stem in ("1", "2", "3", "4"):
+        img = Image.open(next((out / "TrainDataset" / "images").glob(f"{stem}.*")))
+        mask = np.asarray(Image.open(out / "TrainDataset" / "masks" / f"{stem}.png"))
+        assert img.mode == "RGB" and img.size == mask.shape[::-1] and 40 <= min(img.size) <= max(img.size) <= 60
+        assert set(np.unique(mask).tolist()) == {0, 255} and 0 < (mask > 0).mean() < 0.8
+        rgb = np.asarray(img).astype(float)
+        assert rgb[..., 0].mean() > rgb[..., 2].mean()  # reddish mucosa
+        sizes.add(img.size)
+    assert len(sizes) > 1
+    with pytest.raises(Exception):
+        Image.open(out / "TrainDataset" / "masks" / "truncated.png").load()
+    again = tmp_path / "again"
+    _cli(["polyp", str(again), "--train", "4", "--per_test_set", "2", "--size", "40"], cwd=tmp_path)
+    for p in out.rglob("*.png"):
+        assert p.read_bytes() == (again / p.relative_to(out)).read_bytes()

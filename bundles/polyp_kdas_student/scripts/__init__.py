@@ -1,0 +1,1 @@
+"""Bundle-local code of polyp_kdas_student: Polyp-PVT networks, KDAS losses, the multi-scale KD step, PraNet data layout, polyp metrics."""

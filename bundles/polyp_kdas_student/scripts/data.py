@@ -1,0 +1,171 @@
+"""The PraNet polyp layout and the bundle's small image transforms.
+
+```
+DATASET_DIR/TrainDataset/images/<stem>.png|.jpg     masks/<stem>.png|.tif
+DATASET_DIR/TestDataset/<set>/images/...            <set>/masks/...
+```
+Images and masks are paired by file stem. Unmatched files and unreadable pairs (or a mask
+whose size differs from its image) are reported with the file and the reason (console and
+``bad_cases.json``) and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from shared_transforms.datalist import BAD_CASES_FILE, write_json
+
+__all__ = ["IMAGE_SUFFIXES", "MASK_SUFFIXES", "scan_pairs", "polyp_datalist", "EnsureRGBd", "BinarizeMaskd", "list_rgb_images"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MASK_SUFFIXES = (".png", ".tif", ".tiff")
+#: the five PraNet test sets, in the order of the paper's tables
+TEST_SETS = ("Kvasir", "CVC-ClinicDB", "CVC-ColonDB", "ETIS-LaribPolypDB", "CVC-300")
+
+
+def _files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and p.suffix.lower() in suffixes:
+                out.setdefault(p.stem, p)
+    return out
+
+
+def _read_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()  # decode everything: a truncated file fails here, not at training time
+        return im.size
+
+
+def scan_pairs(folder: str | Path, set_name: str = "train") -> tuple[list[dict], list[dict]]:
+    """``(good, bad)`` image/mask pairs of ``folder/images`` and ``folder/masks``.
+
+    ``good`` entries: ``{"image", "label", "case", "set"}``; ``bad``: ``{"case", "file", "reason"}``.
+    """
+    folder = Path(folder)
+    images, masks = _files(folder / "images", IMAGE_SUFFIXES), _files(folder / "masks", MASK_SUFFIXES)
+    good, bad = [], []
+    for stem in sorted(set(images) | set(masks)):
+        case = f"{set_name}/{stem}"
+        if stem not in masks:
+            bad.append({"case": case, "file": str(images[stem]), "reason": "no mask with this stem"})
+            continue
+        if stem not in images:
+            bad.append({"case": case, "file": str(masks[stem]), "reason": "no image with this stem"})
+            continue
+        sizes = {}
+        for path in (images[stem], masks[stem]):
+            try:
+                sizes[path] = _read_size(path)
+            except Exception as e:  # PIL raises several types for broken files
+                bad.append({"case": case, "file": str(path), "reason": f"cannot read: {type(e).__name__}: {e}"})
+                break
+        else:
+            if sizes[images[stem]] != sizes[masks[stem]]:
+                bad.append({"case": case, "file": str(masks[stem]),
+                            "reason": f"image/mask size mismatch: {sizes[images[stem]]} vs {sizes[masks[stem]]}"})
+                continue
+            good.append({"image": str(images[stem]), "label": str(masks[stem]), "case": stem, "set": set_name})
+    for b in bad:
+        logger.warning("skipping %s: %s (%s)", b["case"], b["reason"], b["file"])
+    return good, bad
+
+
+def polyp_datalist(dataset_dir: str, output_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Training / validation lists from ``TrainDataset`` and one test list per ``TestDataset/<set>``.
+
+    ``val_fraction`` of the training pairs (at least one) is held out for model selection,
+    chosen by ``seed``. Writes ``datalist.json`` and ``bad_cases.json`` into ``output_dir``.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...], "test_sets": [names]}``;
+        test items carry their set name in ``"set"``.
+    """
+    root = Path(dataset_dir)
+    if not (root / "TrainDataset").is_dir() and not (root / "TestDataset").is_dir():
+        raise FileNotFoundError(f"{root}: neither TrainDataset/ nor TestDataset/ found (PraNet layout expected)")
+    train, bad = scan_pairs(root / "TrainDataset", "train")
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_val = max(1, int(round(len(train) * val_fraction))) if len(train) > 1 and val_fraction > 0 else 0
+    val_idx = set(order[:n_val].tolist())
+    training = [c for i, c in enumerate(train) if i not in val_idx]
+    validation = [c for i, c in enumerate(train) if i in val_idx]
+    test, test_sets = [], []
+    test_root = root / "TestDataset"
+    found = sorted(p.name for p in test_root.iterdir() if (p / "images").is_dir()) if test_root.is_dir() else []
+    for name in [s for s in TEST_SETS if s in found] + [s for s in found if s not in TEST_SETS]:
+        good, set_bad = scan_pairs(test_root / name, name)
+        test += good
+        bad += set_bad
+        test_sets.append(name)
+    result = {"training": training, "validation": validation, "test": test, "test_sets": test_sets}
+    if output_dir:
+        write_json(Path(output_dir) / "datalist.json", result)
+        write_json(Path(output_dir) / BAD_CASES_FILE, bad)
+    logger.info("%d training, %d validation, %d test pairs (%s); %d skipped",
+                len(training), len(validation), len(test), ", ".join(test_sets) or "no test set", len(bad))
+    return result
+
+
+def list_rgb_images(folder: str) -> list[dict[str, str]]:
+    """``[{"image": path}]`` for every .png/.jpg/.jpeg directly inside ``folder`` (inference)."""
+    folder_path = Path(folder)
+    if not folder_path.is_dir():
+        raise FileNotFoundError(f"input folder not found: {folder_path}")
+    files = sorted(p for p in folder_path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no .png/.jpg images directly inside {folder_path}")
+    return [{"image": str(p)} for p in files]
+
+
+class EnsureRGBd(MapTransform):
+    """Channel-first image to exactly 3 channels: grey is repeated, an alpha channel dropped."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] == 1:
+                img = img.repeat(3, *([1] * (img.ndim - 1)))
+            elif img.shape[0] == 2:  # grey + alpha
+                img = img[:1].repeat(3, *([1] * (img.ndim - 1)))
+            elif img.shape[0] > 3:
+                img = img[:3]
+            d[key] = img
+        return d
+
+
+class BinarizeMaskd(MapTransform):
+    """Channel-first mask (grey, RGB or RGBA; 0/1, 0/255 or JPEG-like values) to one 0/1 float channel.
+
+    A pixel is foreground when its brightest colour channel exceeds half the mask's range
+    (0.5 for masks stored as 0/1, 127.5 for 8-bit masks).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            m = d[key]
+            if m.shape[0] == 4:
+                m = m[:3]
+            m = m.float().amax(dim=0, keepdim=True)
+            top = 1.0 if float(m.max()) <= 1.0 else 255.0 if float(m.max()) <= 255.0 else 65535.0
+            d[key] = (m > top / 2).float()
+        return d

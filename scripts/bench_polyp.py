@@ -1,0 +1,137 @@
+"""Benchmark of the polyp_kdas_student bundle: size, compute and speed of student vs teacher.
+
+Prints (and writes as JSON with ``--out_json``):
+
+- parameters and GMACs at 352×352 of the student (Polyp-PVT / PVTv2-B0) and the teacher
+  (PVTv2-B2), counted with torch's ``FlopCounterMode`` (GMACs = FLOPs / 2). timm's fused
+  attention is switched to its explicit form for the count: ``FlopCounterMode`` does not
+  see the CPU fused-attention kernel;
+- images/s of each network's forward at 352² for batch 1 and 16, and student ÷ teacher;
+- the bundle's inference (``configs/inference.json`` through ``ConfigWorkflow``: PNG
+  reading, resizing, inverse resizing, thresholding, PNG writing) time per image ÷ the bare
+  student forward at 352², on ``n_images`` synthetic RGB frames of ``frame_size``.
+
+    python scripts/bench_polyp.py                          # all of it (a few minutes on 2 CPU cores)
+    python scripts/bench_polyp.py --batch_sizes "[1]" --repeat 2
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+from bench_utils import timeit, workflow
+from bundle_cli import BUNDLES
+
+BUNDLE = BUNDLES / "polyp_kdas_student"
+
+
+def _net_module():
+    sys.path.insert(0, str(BUNDLE))
+    from scripts.net import PolypPVT  # the bundle's own package
+
+    return PolypPVT
+
+
+def gmacs(net: torch.nn.Module, size: int = 352) -> float:
+    """GMACs of one forward at ``size``² (FLOPs / 2 from FlopCounterMode), explicit attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fused = {m: m.fused_attn for m in net.modules() if hasattr(m, "fused_attn")}
+    for m in fused:
+        m.fused_attn = False
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(torch.rand(1, 3, size, size))
+    finally:
+        for m, v in fused.items():
+            m.fused_attn = v
+    return counter.get_total_flops() / 2e9
+
+
+def images_per_second(net: torch.nn.Module, batch: int, size: int, repeat: int) -> float:
+    x = torch.rand(batch, 3, size, size)
+    with torch.no_grad():
+        seconds = timeit(lambda: net(x), repeat=repeat, warmup=1)
+    return batch / seconds
+
+
+def bundle_inference_ratio(student: torch.nn.Module, n_images: int, frame_size: tuple[int, int], size: int,
+                           repeat: int) -> dict:
+    """Bundle inference per image (whole inference.json workflow) ÷ bare forward of one 352² image."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, images, out = Path(tmp) / "bundle", Path(tmp) / "images", Path(tmp) / "out"
+        (root / "models").mkdir(parents=True)
+        images.mkdir()
+        torch.save(student.state_dict(), root / "models" / "model.pt")
+        rng = np.random.default_rng(0)
+        for i in range(n_images):
+            frame = (rng.random((frame_size[1], frame_size[0], 3)) * 255).astype(np.uint8)
+            Image.fromarray(frame).save(images / f"frame_{i:03d}.png")
+        times = []
+        for _ in range(repeat + 1):  # first run: warm-up
+            wf = workflow(BUNDLE, ["inference.json"], bundle_root=str(root), dataset_dir=str(images),
+                          output_dir=str(out), image_size=size)
+            evaluator = wf.parser.get_parsed_content("evaluator")
+            start = time.perf_counter()
+            evaluator.run()
+            times.append((time.perf_counter() - start) / n_images)
+        written = len(list(out.glob("*.png")))
+    bundle = float(np.median(times[1:]))
+    x = torch.rand(1, 3, size, size)
+    student = student.eval()
+    with torch.no_grad():
+        bare = timeit(lambda: student(x), repeat=max(3, repeat), warmup=1)
+    return {"bundle_s_per_image": bundle, "bare_forward_s": bare, "ratio": bundle / bare, "images": n_images,
+            "frame_size": list(frame_size), "masks_written": written}
+
+
+def main(size: int = 352, batch_sizes: list[int] = (1, 16), repeat: int = 3, n_images: int = 8,
+         frame_size: tuple[int, int] = (622, 528), threads: int | None = None, out_json: str | None = None) -> dict:
+    """Run the benchmark and print the figures.
+
+    Args:
+        size: network input side (352).
+        batch_sizes: batches for the images/s comparison.
+        repeat: timed repeats (median) after one warm-up.
+        n_images: frames for the bundle-inference measurement.
+        frame_size: (width, height) of those frames (Kvasir-like 622×528 by default).
+        threads: torch CPU threads (default: torch's choice).
+        out_json: also write the figures to this file.
+    """
+    if threads:
+        torch.set_num_threads(int(threads))
+    PolypPVT = _net_module()
+    torch.manual_seed(0)
+    nets = {"student": PolypPVT("pvt_v2_b0").eval(), "teacher": PolypPVT("pvt_v2_b2").eval()}
+    result: dict = {"device": "cpu", "threads": torch.get_num_threads(), "size": size}
+    for name, net in nets.items():
+        result[name] = {"parameters": sum(p.numel() for p in net.parameters()), "gmacs": gmacs(net, size)}
+        print(f"{name}: {result[name]['parameters']:,} parameters, {result[name]['gmacs']:.2f} GMACs at {size}x{size}", flush=True)
+    result["throughput"] = []
+    for batch in batch_sizes:
+        s = images_per_second(nets["student"], int(batch), size, repeat)
+        t = images_per_second(nets["teacher"], int(batch), size, repeat)
+        row = {"batch": int(batch), "student_img_s": s, "teacher_img_s": t, "student_over_teacher": s / t}
+        result["throughput"].append(row)
+        print(f"batch {batch}: student {s:.2f} img/s, teacher {t:.2f} img/s, student / teacher = {s / t:.2f}", flush=True)
+    inf = bundle_inference_ratio(nets["student"], n_images, tuple(frame_size), size, repeat)
+    result["bundle_inference"] = inf
+    print(f"bundle inference {inf['bundle_s_per_image'] * 1000:.0f} ms/image ({inf['frame_size'][0]}x{inf['frame_size'][1]} PNG in, "
+          f"mask PNG out) / bare forward {inf['bare_forward_s'] * 1000:.0f} ms = {inf['ratio']:.2f}", flush=True)
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=4))
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire(main, serialize=lambda r: None)
