@@ -463,6 +463,11 @@ def liver_mri(out_dir: str, cases: int = 10, shape: Sequence[int] | str = (64, 5
     return {"summary": summary, "root": str(out), "cases": cases}
 
 
+# ----------------------------------------------------------------------------------------
+# polyp: PraNet layout of colonoscopy frames (RGB .png/.jpg) and binary masks
+# ----------------------------------------------------------------------------------------
+
+#: the PraNet test sets and the file formats their public copies use
 POLYP_TEST_SETS = {
     "Kvasir": ".jpg", "CVC-ClinicDB": ".png", "CVC-ColonDB": ".png", "ETIS-LaribPolypDB": ".png", "CVC-300": ".png",
 }
@@ -568,5 +573,99 @@ CARDIAC_VENDORS = {
 }
 
 
+def _cardiac_slice(u: np.ndarray, v: np.ndarray, rng: np.random.Generator, scale: float, lv_r: float, myo_t: float,
+                   long_axis: bool) -> np.ndarray:
+    """Label of one slice on (u, v) in mm: 1 LV blood pool, 2 myocardium ring, 3 RV crescent."""
+    cu, cv = rng.uniform(-4, 4), rng.uniform(-4, 4)
+    stretch = 1.9 if long_axis else 1.0  # the long axis shows an elongated ventricle
+    lv = ellipse(u, v, (cu, cv), (lv_r * scale, lv_r * scale * stretch))
+    wall = ellipse(u, v, (cu, cv), ((lv_r + myo_t) * scale, (lv_r + myo_t) * scale * stretch))
+    rv_c = (cu - (lv_r + myo_t + 0.3 * lv_r) * scale, cv)
+    rv = ellipse(u, v, rv_c, (1.15 * lv_r * scale, 1.45 * lv_r * scale * stretch)) & ~ellipse(
+        u, v, (cu, cv), ((lv_r + myo_t + 2.0) * scale, (lv_r + myo_t + 2.0) * scale * stretch))
+    label = np.zeros(np.broadcast(u, v).shape, np.uint8)
+    label[rv] = 3
+    label[wall] = 2
+    label[lv] = 1
+    return label
+
+
+def cardiac(out_dir: str, subjects: int = 8, ood_subjects: int = 3, sa_shape: Sequence[int] | str = (64, 64, 6),
+            seed: int = 0, ood_mode: str = "invert", flat_copy: bool = False) -> dict:
+    """Write an M&Ms-2-layout cardiac MRI phantom: ``NNN/NNN_{SA,LA}_{ED,ES}.nii.gz`` (+ ``_gt``) and
+    ``dataset_information.csv`` (SUBJECT_CODE, DISEASE, VENDOR, SCANNER, FIELD).
+
+    SA: a stack of ``sa_shape[2]`` slices (the ventricles shrink towards the apex); LA: one slice
+    (elongated ventricles). Labels 1 LV blood pool, 2 myocardium ring, 3 RV crescent; ES smaller
+    than ED. Labelled subjects alternate between two vendors with different contrast and
+    spacing (SIEMENS 1.25 mm, PHILIPS 1.5 mm); the last ``ood_subjects`` are unlabelled (no
+    ``_gt``) from a third vendor (GE), out of distribution: ``ood_mode`` "invert" (dark blood,
+    bright myocardium) or "noise" (heavy noise).
+
+    Args:
+        out_dir: dataset root to create.
+        subjects: labelled subjects (001 ...).
+        ood_subjects: unlabelled out-of-distribution subjects after them.
+        sa_shape: ``(X, Y, Z)`` of the SA stacks; LA images are ``(X, Y, 1)``.
+        seed: random seed; the same seed gives identical files.
+        ood_mode: "invert" or "noise".
+        flat_copy: also write the flattened ``data/NNN_...`` copy of every file.
+    """
+    shape = parse_shape(sa_shape, minimum=(32, 32, 1))
+    if ood_mode not in ("invert", "noise"):
+        raise ValueError(f"ood_mode must be 'invert' or 'noise', got {ood_mode!r}")
+    out = Path(out_dir)
+    rows = []
+    for n in range(1, subjects + ood_subjects + 1):
+        ood = n > subjects
+        vendor = "GE" if ood else ("SIEMENS" if n % 2 else "PHILIPS")
+        look = CARDIAC_VENDORS[vendor]
+        code = f"{n:03d}"
+        rng = rng_for(seed, "cardiac", n)
+        rows.append({"SUBJECT_CODE": n, "DISEASE": ["NOR", "DLV", "HCM", "ARR"][n % 4], "VENDOR": vendor,
+                     "SCANNER": look["scanner"], "FIELD": look["field"]})
+        sp = look["spacing"] * 64.0 / shape[0]  # field of view kept when the phantom is smaller or larger
+        lv_r = rng.uniform(9.0, 12.0)
+        for view in ("SA", "LA"):
+            vshape = shape if view == "SA" else (shape[0], shape[1], 1)
+            u = ((np.arange(vshape[0]) - (vshape[0] - 1) / 2.0) * sp)[:, None]
+            v = ((np.arange(vshape[1]) - (vshape[1] - 1) / 2.0) * sp)[None, :]
+            body = ellipse(u, v, (0.0, 0.0), (0.42 * vshape[0] * sp, 0.38 * vshape[1] * sp))
+            for phase, scale in (("ED", 1.0), ("ES", 0.78)):
+                label = np.zeros(vshape, np.uint8)
+                for z in range(vshape[2]):
+                    taper = 1.0 - 0.5 * z / max(vshape[2], 2) if view == "SA" else 1.0
+                    label[..., z] = _cardiac_slice(u, v, rng, scale * taper, lv_r, rng.uniform(3.5, 5.0) / scale, view == "LA")
+                tissue = look["tissue"] * (1 + 0.15 * smooth_noise(rng, vshape, (4, 4, 0)))
+                img = np.where(body[..., None], tissue, 0.02)
+                img = np.where(label == 2, look["myo"], img)
+                img = np.where((label == 1) | (label == 3), look["blood"], img)
+                noise = look["noise"]
+                if ood and ood_mode == "invert":
+                    img = np.where(body[..., None], 1.2 - img, img)
+                elif ood:
+                    noise = 0.35
+                img = rician(rng, 800.0 * img, 800.0 * noise)
+                affine = affine_for((sp, sp, 10.0 if view == "SA" else 8.0))
+                names = {"": img.astype(np.float32)} if ood else {"": img.astype(np.float32), "_gt": label}
+                for suffix, data in names.items():
+                    name = f"{code}_{view}_{phase}{suffix}.nii.gz"
+                    dtype = np.uint8 if suffix else np.float32
+                    save_nifti(out / code / name, data, affine, dtype)
+                    if flat_copy:
+                        save_nifti(out / "data" / name, data, affine, dtype)
+        print(f"{code}: {vendor}{' (unlabelled, out of distribution: ' + ood_mode + ')' if ood else ''}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "dataset_information.csv", "w", newline="") as f:
+        import csv
+
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = (f"cardiac phantom: {subjects} labelled + {ood_subjects} unlabelled OoD ({ood_mode}) subjects, "
+               f"SA {shape}, seed {seed} -> {out}")
+    return {"summary": summary, "root": str(out), "subjects": subjects, "ood_subjects": ood_subjects}
+
+
 if __name__ == "__main__":
-    fire.Fire({"prostate": prostate, "liver_ct": liver_ct, "liver_mri": liver_mri, "polyp": polyp}, serialize=_summary_line)
+    fire.Fire({"prostate": prostate, "liver_ct": liver_ct, "liver_mri": liver_mri, "polyp": polyp, "cardiac": cardiac}, serialize=_summary_line)

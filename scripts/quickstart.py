@@ -100,9 +100,35 @@ def polyp_kdas_student(out: Path, epochs: int) -> dict:
     return {"bundle": bundle, "dice": metrics["mean_dice"], "outputs": outputs, "overrides": {"image_size": 64}}
 
 
+def cardiac_qc_refinement(out: Path, epochs: int) -> dict:
+    """SA view: train segmenter M and QC module R, refine on the unlabelled OoD vendor, evaluate (QC selection), segment the OoD volumes."""
+    bundle = "cardiac_qc_refinement"
+    root = out / bundle
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "quickstart.log"
+    data = make_phantoms("cardiac", out / "data" / "cardiac", log, subjects=10, ood_subjects=3, sa_shape="(64,64,6)")
+    sizes = {"image_size": 64, "filters": [16, 32, 64, 128], "deep_supr_num": 2}
+    small = dict(bundle_root=str(root), dataset_dir=str(data), **sizes)
+    run_logged(bundle_cmd(bundle, ["train.json"], "training", epochs=epochs, batch_size=8, resume=False,
+                          optimizer="$torch.optim.Adam(@network.parameters(), lr=0.001)", **small), log)
+    run_logged(bundle_cmd(bundle, ["train.json", "train_qc.json"], "training", epochs=epochs, batch_size=8,
+                          learning_rate=0.002, resume=False, **small), log)
+    run_logged(bundle_cmd(bundle, ["train.json", "refine.json"], "refining", K_semi=3, batch_size=8,
+                          threshold_source="calibration", **small), log)
+    run_logged(bundle_cmd(bundle, ["train.json", "evaluate.json"], "evaluating", **small), log)
+    infer_out = root / "eval" / "inference"
+    run_logged(bundle_cmd(bundle, ["inference.json"], "run", bundle_root=str(root), dataset_dir=str(data / "011"),
+                          output_dir=str(infer_out), threshold_source="calibration", **sizes), log)
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())  # RV Dice (the challenge's class), 0-1
+    outputs = {"metrics": root / "eval" / "metrics.csv", "QC reports": root / "eval" / "qc_reports", "masks": infer_out,
+               "refinement log": root / "eval" / "refine" / "refine_log.json",
+               "tensorboard": root / "eval" / "tensorboard", "learning curves": root / "eval" / "learning_curves.png"}
+    return {"bundle": bundle, "dice": 100 * metrics["mean_dice_RV"], "outputs": outputs, "overrides": sizes}
+
+
 #: one recipe per bundle; a bundle added to bundles/ adds its recipe here
 RECIPES = {"prostate_mri_transfer": prostate_mri_transfer, "liver_ct_mri_transfer": liver_ct_mri_transfer,
-           "polyp_kdas_student": polyp_kdas_student}
+           "polyp_kdas_student": polyp_kdas_student, "cardiac_qc_refinement": cardiac_qc_refinement}
 
 
 def main(out_dir: str = "quickstart_outputs", names: list[str] | None = None, epochs: int = 20) -> None:

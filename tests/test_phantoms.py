@@ -184,3 +184,29 @@ def test_polyp_layout_formats_and_determinism(tmp_path):
     _cli(["polyp", str(again), "--train", "4", "--per_test_set", "2", "--size", "40"], cwd=tmp_path)
     for p in out.rglob("*.png"):
         assert p.read_bytes() == (again / p.relative_to(out)).read_bytes()
+
+
+def test_cardiac_layout_vendors_labels_and_ood_group(tmp_path):
+    """The cardiac kind: M&Ms-2 layout, SA stacks + single-slice LA, ED/ES labels 0-3, two labelled
+    vendors with different spacing and contrast, an unlabelled OoD vendor (inverted contrast)."""
+    import csv
+
+    out = tmp_path / "mnm2"
+    _cli(["cardiac", str(out), "--subjects", "2", "--ood_subjects", "1", "--sa_shape", "(48,48,3)"], cwd=tmp_path)
+    assert sorted(p.name for p in (out / "001").iterdir()) == sorted(
+        f"001_{v}_{p}{s}.nii.gz" for v in ("SA", "LA") for p in ("ED", "ES") for s in ("", "_gt"))
+    assert sorted(p.name for p in (out / "003").iterdir()) == ["003_LA_ED.nii.gz", "003_LA_ES.nii.gz", "003_SA_ED.nii.gz", "003_SA_ES.nii.gz"]
+    rows = list(csv.DictReader(open(out / "dataset_information.csv")))
+    assert list(rows[0]) == ["SUBJECT_CODE", "DISEASE", "VENDOR", "SCANNER", "FIELD"]
+    assert [r["VENDOR"] for r in rows] == ["SIEMENS", "PHILIPS", "GE"]
+    sa, sa_lab = _load(out / "001" / "001_SA_ED.nii.gz")[1], _load(out / "001" / "001_SA_ED_gt.nii.gz")[1]
+    la = _load(out / "002" / "002_LA_ES_gt.nii.gz")[1]
+    assert sa.shape == sa_lab.shape == (48, 48, 3) and la.shape == (48, 48, 1)
+    assert set(np.unique(sa_lab).tolist()) == {0, 1, 2, 3} and sa_lab.dtype == np.uint8
+    es = _load(out / "001" / "001_SA_ES_gt.nii.gz")[1]
+    assert (es == 1).sum() < (sa_lab == 1).sum()  # end-systole: smaller LV blood pool
+    assert _load(out / "001" / "001_SA_ED.nii.gz")[0].header.get_zooms()[0] != _load(out / "002" / "002_SA_ED.nii.gz")[0].header.get_zooms()[0]
+    ood = _load(out / "003" / "003_SA_ED.nii.gz")[1]
+    assert sa[sa_lab == 1].mean() > sa[sa_lab == 2].mean()  # in distribution: bright blood, dark myocardium
+    centre = ood[20:28, 20:28].mean()
+    assert centre < np.percentile(ood, 90)  # out of distribution: inverted contrast (dark blood pool)

@@ -1,0 +1,278 @@
+"""M&Ms-2 layout, datalists and the preprocessing of METHODS §3 (and its inverse).
+
+Layout (both read)::
+
+    DATA_ROOT/NNN/NNN_{SA,LA}_{ED,ES}.nii.gz  (+ NNN_{SA,LA}_{ED,ES}_gt.nii.gz)   per-subject folders
+    DATA_ROOT/data/NNN_{SA,LA}_{ED,ES}.nii.gz (+ _gt)                          flattened copy
+    DATA_ROOT/dataset_information.csv   SUBJECT_CODE, DISEASE, VENDOR, SCANNER, FIELD
+
+Labels 0 background, 1 LV, 2 MYO, 3 RV. Preprocessing per volume: crop to the non-zero box
+(in-plane), resample in-plane to the dataset's median spacing (z untouched), z-score, centre
+pad/crop to ``size`` x ``size``; :func:`invert_volume` maps network-grid probabilities back to
+the input's grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from shared_transforms.datalist import BAD_CASES_FILE, fold_datalist, scan_cases, split_cases, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "find_mnms2_cases", "mnms2_datalist", "list_unlabelled", "inference_datalist", "median_spacing",
+    "target_spacing", "preprocess_volume", "invert_volume", "CardiacSlicesd", "CLASSES",
+]
+
+CLASSES = {"0": "background", "1": "LV", "2": "MYO", "3": "RV"}
+_FILE = re.compile(r"^(?P<subject>\d+)_(?P<view>SA|LA)_(?P<phase>ED|ES|CINE)(?P<gt>_gt)?\.nii(\.gz)?$")
+
+
+def _stem(path: str | Path) -> str:
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") else Path(name).stem
+
+
+def _read_information(root: Path) -> dict[str, dict]:
+    for folder in (root, root.parent):
+        path = folder / "dataset_information.csv"
+        if path.is_file():
+            with open(path, newline="") as f:
+                return {str(int(r["SUBJECT_CODE"])).zfill(3): r for r in csv.DictReader(f) if r.get("SUBJECT_CODE")}
+    return {}
+
+
+def find_mnms2_cases(dataset_dir: str, view: str = "SA") -> list[dict]:
+    """Every ``NNN_<view>_{ED,ES}`` image under ``dataset_dir`` (nested or flattened), with its label when present."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    images: dict[tuple, str] = {}
+    labels: dict[tuple, str] = {}
+    for path in sorted(root.rglob("*.nii*")):  # sorted: NNN/ sorts before data/, so the nested copy wins
+        m = _FILE.match(path.name)
+        if not m or m["view"] != view or m["phase"] == "CINE":
+            continue
+        key = (m["subject"].zfill(3), m["phase"])
+        (labels if m["gt"] else images).setdefault(key, str(path))
+    info = _read_information(root)
+    cases = []
+    for (subject, phase), image in sorted(images.items()):
+        row = info.get(subject, {})
+        cases.append({
+            "image": image, "label": labels.get((subject, phase)), "case": f"{subject}_{view}_{phase}",
+            "subject": subject, "phase": phase, "view": view,
+            "vendor": row.get("VENDOR", ""), "disease": row.get("DISEASE", ""),
+        })
+    return cases
+
+
+def mnms2_datalist(dataset_dir: str, view: str = "SA", test_fraction: float = 0.2, n_folds: int = 5, fold: int = 0,
+                   seed: int = 0, output_dir: str | None = None) -> dict[str, list]:
+    """Labelled subjects split per subject into training / validation / test; unlabelled images listed apart.
+
+    Writes ``datalist_<view>.json`` and ``bad_cases.json`` into ``output_dir`` when given.
+    """
+    cases = find_mnms2_cases(dataset_dir, view)
+    labelled = [c for c in cases if c["label"]]
+    unlabelled = [{k: v for k, v in c.items() if k != "label"} for c in cases if not c["label"]]
+    good, bad = scan_cases(labelled)
+    if not good:
+        raise FileNotFoundError(f"no labelled NNN_{view}_(ED|ES).nii[.gz] with _gt under {dataset_dir}")
+    split = split_cases(good, test_fraction=test_fraction, n_folds=n_folds, seed=seed, patient_key="subject")
+    datalist = {**fold_datalist(split, fold), "unlabelled": unlabelled}
+    if output_dir:
+        write_json(Path(output_dir) / f"datalist_{view}.json", datalist)
+        write_json(Path(output_dir) / BAD_CASES_FILE, bad)
+    return datalist
+
+
+def list_unlabelled(folder: str, view: str = "SA") -> list[dict]:
+    """Images to refine on: the M&Ms-2-named ``view`` images under ``folder`` that have no ``_gt``;
+    when none are named so, every ``.nii``/``.nii.gz`` directly inside ``folder`` not ending in ``_gt``."""
+    cases = [c for c in find_mnms2_cases(folder, view) if not c["label"]]
+    if cases:
+        return [{"image": c["image"], "case": c["case"], "vendor": c["vendor"]} for c in cases]
+    return [{**d, "case": _stem(d["image"])} for d in inference_datalist(folder)]
+
+
+def inference_datalist(folder: str) -> list[dict]:
+    """``[{"image": path}]`` for every ``.nii``/``.nii.gz`` directly inside ``folder`` whose name does not end in ``_gt``."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder not found: {root}")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")) and not _stem(p).endswith("_gt"))
+    if not files:
+        raise FileNotFoundError(f"no .nii/.nii.gz image directly inside {root}")
+    return [{"image": str(p)} for p in files]
+
+
+def _spacing_of(path: str) -> tuple[float, float, float]:
+    zooms = nib.load(path).header.get_zooms()
+    return tuple(float(z) for z in (list(zooms) + [1.0, 1.0, 1.0])[:3])
+
+
+def median_spacing(data: Sequence[Mapping[str, Any]], image_key: str = "image",
+                   default: Sequence[float] = (1.25, 1.25)) -> list[float]:
+    """The median in-plane spacing (mm) over ``data``'s images: the network grid's spacing.
+
+    An empty ``data`` (a workflow built before its data is given, e.g. a property check) gets
+    ``default`` with a warning; training on no data fails later, at the data loader."""
+    sp = np.array([_spacing_of(d[image_key])[:2] for d in data])
+    if not len(sp):
+        logger.warning("no images to compute the median spacing from: using %s mm", list(default))
+        return [float(v) for v in default]
+    return [float(v) for v in np.median(sp, axis=0)]
+
+
+def target_spacing(ckpt_dir: str, default: Sequence[float] = (1.25, 1.25)) -> list[float]:
+    """The training set's median spacing saved with the model (``models/preprocessing.json``), else ``default``."""
+    path = Path(ckpt_dir) / "preprocessing.json"
+    if path.is_file():
+        return [float(v) for v in json.loads(path.read_text())["target_spacing"]]
+    logger.warning("%s not found: using the default in-plane spacing %s mm", path, list(default))
+    return [float(v) for v in default]
+
+
+def save_target_spacing(ckpt_dir: str, spacing: Sequence[float], view: str) -> str:
+    return write_json(Path(ckpt_dir) / "preprocessing.json", {"target_spacing": [float(s) for s in spacing], "view": view})
+
+
+def _pad_crop_slices(n: int, size: int) -> tuple[slice, slice]:
+    """(source, destination) slices that centre-pad or centre-crop a length ``n`` to ``size``."""
+    if n >= size:
+        start = (n - size) // 2
+        return slice(start, start + size), slice(0, size)
+    start = (size - n) // 2
+    return slice(0, n), slice(start, start + n)
+
+
+def preprocess_volume(image: np.ndarray | torch.Tensor, spacing: Sequence[float], target: Sequence[float], size: int,
+                      label: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """``image`` (H, W, Z) -> network input (Z, 1, size, size), label (Z, 1, size, size) and the inversion info."""
+    img = torch.as_tensor(np.asarray(image), dtype=torch.float32)
+    if img.ndim == 2:
+        img = img[..., None]
+    h, w, _ = img.shape
+    nz = (img != 0).any(dim=-1)
+    rows, cols = torch.where(nz.any(1))[0], torch.where(nz.any(0))[0]
+    box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1) if len(rows) else (0, h, 0, w)
+    crop = img[box[0]:box[1], box[2]:box[3]].permute(2, 0, 1)[:, None]  # Z, 1, h', w'
+    new = (max(1, round(crop.shape[2] * spacing[0] / target[0])), max(1, round(crop.shape[3] * spacing[1] / target[1])))
+    res = F.interpolate(crop, size=new, mode="bilinear", align_corners=False)
+    res = (res - res.mean()) / res.std().clamp_min(1e-6)
+    (sr, dr), (sc, dc) = _pad_crop_slices(new[0], size), _pad_crop_slices(new[1], size)
+    x = torch.zeros(res.shape[0], 1, size, size)
+    x[:, :, dr, dc] = res[:, :, sr, sc]
+    y = None
+    if label is not None:
+        lab = torch.as_tensor(np.asarray(label), dtype=torch.float32)
+        lab = lab[..., None] if lab.ndim == 2 else lab
+        lab = lab[box[0]:box[1], box[2]:box[3]].permute(2, 0, 1)[:, None]
+        lab = F.interpolate(lab, size=new, mode="nearest")
+        y = torch.zeros_like(x)
+        y[:, :, dr, dc] = lab[:, :, sr, sc]
+    info = {"shape": (h, w, img.shape[2]), "box": box, "resampled": new, "size": size}
+    return x, y, info
+
+
+def invert_volume(prob: torch.Tensor, info: Mapping[str, Any]) -> torch.Tensor:
+    """Network-grid probabilities (Z, C, size, size) -> (C, H, W, Z) on the input's grid (background outside the box)."""
+    z, c = prob.shape[:2]
+    size, new, box = info["size"], info["resampled"], info["box"]
+    (sr, dr), (sc, dc) = _pad_crop_slices(new[0], size), _pad_crop_slices(new[1], size)
+    canvas = torch.zeros(z, c, *new, dtype=prob.dtype, device=prob.device)
+    canvas[:, 0] = 1.0
+    canvas[:, :, sr, sc] = prob[:, :, dr, dc]
+    back = F.interpolate(canvas, size=(box[1] - box[0], box[3] - box[2]), mode="bilinear", align_corners=False)
+    h, w, _ = info["shape"]
+    out = torch.zeros(z, c, h, w, dtype=prob.dtype, device=prob.device)
+    out[:, 0] = 1.0
+    out[:, :, box[0]:box[1], box[2]:box[3]] = back
+    return out.permute(1, 2, 3, 0)
+
+
+def spacing_from_meta(img) -> list[float]:
+    """In-plane voxel spacing (mm) of a loaded MetaTensor (from its affine)."""
+    affine = np.asarray(img.affine if hasattr(img, "affine") else np.eye(4), dtype=float)
+    return [float(np.linalg.norm(affine[:3, i])) for i in range(3)]
+
+
+class CardiacSlicesd(MapTransform):
+    """A loaded volume (channel-first, ``(1, H, W, Z)``) and its label -> a list of 2D slice dicts.
+
+    Applies :func:`preprocess_volume` with the volume's own spacing (from its affine) and
+    ``target_spacing``; every z slice becomes ``{"image": (1, size, size), "label": (1, size, size),
+    "case", "slice_index"}``.
+    """
+
+    def __init__(self, keys: KeysCollection, target_spacing: Sequence[float], size: int = 256,
+                 label_key: str = "label", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.target_spacing = [float(s) for s in target_spacing]
+        self.size = int(size)
+        self.label_key = label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict]:
+        d = dict(data)
+        image = d["image"]
+        spacing = spacing_from_meta(image)
+        label = d.get(self.label_key)
+        x, y, _ = preprocess_volume(np.asarray(image)[0], spacing, self.target_spacing, self.size,
+                                    None if label is None else np.asarray(label)[0])
+        case = str(d.get("case", Path(str(getattr(image, "meta", {}).get("filename_or_obj", "case"))).name))
+        out = []
+        for k in range(x.shape[0]):
+            item = {"image": x[k].clone(), "case": case, "slice_index": k}
+            if y is not None:
+                item["label"] = y[k].clone()
+            out.append(item)
+        return out
+
+
+from monai.transforms import SaveImaged  # noqa: E402
+
+
+class SaveMaskd(SaveImaged):
+    """Write a label map ``(1, H, W, Z)`` as uint8 NIfTI ``<stem>_<postfix>.nii.gz`` with EXACTLY the
+    input's shape (a single-slice LA image stays ``(H, W, 1)``, which ``SaveImaged`` squeezes or
+    pads) and the input file's header and affine. A ``SaveImaged`` subclass, so MONAI Label drops
+    it and uses its own writer."""
+
+    def __init__(self, keys: KeysCollection, output_dir: str, output_postfix: str = "seg", print_log: bool = True) -> None:
+        super().__init__(keys=keys, output_dir=output_dir, output_postfix=output_postfix, print_log=False)
+        self.out_dir, self.postfix, self.verbose = Path(output_dir), output_postfix, print_log
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            arr = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred)[0].astype(np.uint8)
+            source = str(getattr(pred, "meta", {}).get("filename_or_obj", ""))
+            if source and Path(source).is_file() and source.endswith((".nii", ".nii.gz")):
+                ref = nib.load(source)
+                header = ref.header.copy()
+                header.set_data_dtype(np.uint8)
+                img = nib.Nifti1Image(arr.reshape(ref.shape), ref.affine, header)
+                img.header.set_slope_inter(1.0, 0.0)
+            else:
+                img = nib.Nifti1Image(arr, np.asarray(getattr(pred, "affine", np.eye(4)), dtype=float))
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path = self.out_dir / f"{_stem(source or 'volume')}_{self.postfix}.nii.gz"
+            nib.save(img, str(path))
+            if self.verbose:
+                logger.info("wrote %s", path)
+        return d

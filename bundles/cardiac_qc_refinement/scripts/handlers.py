@@ -1,0 +1,157 @@
+"""Handlers: keep the m_best checkpoints by validation loss; per-class Dice / HD (mm) evaluation."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from shared_transforms.datalist import write_json
+from shared_transforms.handlers import atomic_torch_save
+
+from .qc import CLASS_NAMES, _json_safe, dice, hausdorff
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BestCheckpoints", "CardiacMetrics"]
+
+
+def _main() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+class BestCheckpoints:
+    """Keep the ``k`` best checkpoints of ``network`` by the evaluator's ``metric_name`` (lower is
+    better for a loss), as files ``save_dir/model_epoch<E>.pt`` with an index
+    ``save_dir/candidates.json`` (file, epoch, score, best first); the best is also copied to
+    ``best_file`` (e.g. ``models/model.pt``). Attach to the validation evaluator."""
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, k: int = 3, metric_name: str = "val_loss",
+                 mode: str = "min", best_file: str | None = None, prefix: str = "model_epoch",
+                 trainer=None) -> None:
+        if k < 1:
+            raise ValueError(f"k (m_best) must be >= 1, got {k}")
+        self.save_dir, self.network, self.k = Path(save_dir), network, int(k)
+        self.metric_name, self.sign = metric_name, (1.0 if mode == "min" else -1.0)
+        self.best_file = Path(best_file) if best_file else None
+        self.prefix, self.trainer = prefix, trainer
+        self.kept: list[dict[str, Any]] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        score = float(engine.state.metrics[self.metric_name])
+        # a validator run by ValidationHandler counts the trainer's epochs
+        epoch = int(self.trainer.state.epoch) if self.trainer is not None else int(engine.state.epoch)
+        if not _main() or not math.isfinite(score):
+            return
+        entry = {"file": f"{self.prefix}{epoch}.pt", "epoch": epoch, self.metric_name: score}
+        ranked = sorted(self.kept + [entry], key=lambda e: self.sign * e[self.metric_name])
+        keep, drop = ranked[: self.k], ranked[self.k:]
+        net = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        if entry in keep:
+            atomic_torch_save(state, self.save_dir / entry["file"])
+        for e in drop:
+            if e is not entry:
+                (self.save_dir / e["file"]).unlink(missing_ok=True)
+        self.kept = keep
+        write_json(self.save_dir / "candidates.json", {"metric": self.metric_name, "mode": "min" if self.sign > 0 else "max",
+                                                       "candidates": self.kept})
+        if self.best_file is not None and keep[0] is entry:
+            atomic_torch_save(state, self.best_file)
+            logger.info("new best %s %.5f at epoch %d -> %s", self.metric_name, score, epoch, self.best_file)
+
+
+class CardiacMetrics:
+    """Per-case Dice and Hausdorff distance (mm, on the input's grid) for RV, LV and MYO.
+
+    Reads the evaluator's items (``pred``: label map (1, H, W, Z) after argmax, ``label``) and
+    writes ``metrics.csv``, ``metrics.json`` (per class mean/std, RV first) and ``metrics.md``.
+    """
+
+    ORDER = [3, 1, 2]  # RV first
+
+    def __init__(self, output_dir: str, prefix: str = "", qc_inferer=None) -> None:
+        self.output_dir, self.prefix, self.qc_inferer = Path(output_dir), prefix, qc_inferer
+        self.rows: list[dict] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def update(self, engine) -> None:
+        items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for item in items:
+            pred = np.asarray(item["pred"].detach().cpu())[0]
+            label = item["label"]
+            spacing = [float(np.linalg.norm(np.asarray(label.affine)[:3, i])) for i in range(3)]
+            lab = np.asarray(label.detach().cpu())[0]
+            name = str(label.meta.get("filename_or_obj", "case"))
+            row = {"case": Path(name).name.split(".nii")[0].removesuffix("_gt")}
+            for c in self.ORDER:
+                row[f"dice_{CLASS_NAMES[c]}"] = dice(pred == c, lab == c)
+                row[f"hd_mm_{CLASS_NAMES[c]}"] = hausdorff(pred == c, lab == c, spacing[: lab.ndim])
+            if self.qc_inferer is not None and getattr(self.qc_inferer, "last_report", None):
+                row["ood"] = self.qc_inferer.last_report["ood"]
+                row["selected_model"] = self.qc_inferer.last_report["selected_model"]
+            self.rows.append(row)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_cases": len(self.rows)}
+        for c in self.ORDER:
+            for metric in ("dice", "hd_mm"):
+                key = f"{metric}_{CLASS_NAMES[c]}"
+                vals = np.array([r[key] for r in self.rows], float)
+                finite = vals[np.isfinite(vals)]
+                out[f"mean_{key}"] = float(finite.mean()) if len(finite) else math.nan
+                out[f"std_{key}"] = float(finite.std()) if len(finite) else math.nan
+                if metric == "hd_mm":
+                    out[f"n_infinite_{key}"] = int((~np.isfinite(vals)).sum())
+        out["mean_dice"] = out["mean_dice_RV"]  # the challenge scores RV only
+        out["cases"] = self.rows
+        return out
+
+    def write(self, engine=None) -> dict[str, Any]:
+        result = self.summary()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.rows:
+            with open(self.output_dir / f"{self.prefix}metrics.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+                writer.writeheader()
+                writer.writerows(self.rows)
+        write_json(self.output_dir / f"{self.prefix}metrics.json", _json_safe(result))
+        lines = ["| class | Dice | HD (mm) |", "|---|---:|---:|"]
+        for c in self.ORDER:
+            n = CLASS_NAMES[c]
+            lines.append(f"| {n} | {result[f'mean_dice_{n}']:.4f} ± {result[f'std_dice_{n}']:.4f} | "
+                         f"{result[f'mean_hd_mm_{n}']:.2f} ± {result[f'std_hd_mm_{n}']:.2f} |")
+        (self.output_dir / f"{self.prefix}metrics.md").write_text("\n".join(lines) + "\n")
+        logger.info("%d cases: RV Dice %.4f, RV HD %.2f mm -> %s", len(self.rows), result["mean_dice_RV"],
+                    result["mean_hd_mm_RV"], self.output_dir)
+        return result
+
+
+class GradientClip:
+    """Clip the gradient norm (METHODS: 12) after each backward pass of a MONAI ``SupervisedTrainer``."""
+
+    def __init__(self, network: torch.nn.Module, max_norm: float = 12.0) -> None:
+        self.network, self.max_norm = network, float(max_norm)
+
+    def attach(self, engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.max_norm)

@@ -1,0 +1,343 @@
+"""QC pseudo-measures, IQR thresholds, OoD decision and candidate selection (METHODS §3).
+
+Pure functions (unit-tested on hand-made lists) plus :class:`QCInferer`, the inferer that runs
+the m_best candidate models and R inside ``inference.json``/``evaluate.json`` (and MONAI Label):
+``inferer(inputs, network)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from scipy import ndimage
+
+from .data import _stem, invert_volume, preprocess_volume, spacing_from_meta
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["dice", "hausdorff", "iqr_thresholds", "is_ood", "select_candidate", "load_candidates", "QCInferer",
+           "calibrate", "RV"]
+
+RV = 3  # the class that drives the OoD decision and the selection
+CLASS_NAMES = {1: "LV", 2: "MYO", 3: "RV"}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
+
+
+def _surface(m: np.ndarray) -> np.ndarray:
+    return m & ~ndimage.binary_erosion(m, border_value=0)
+
+
+def hausdorff(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """Symmetric Hausdorff distance between two binary masks (in units of ``spacing``, default pixels).
+
+    Both empty: 0.0. Exactly one empty: ``math.inf`` (the guard METHODS asks for; callers treat
+    an infinite distance as failing any threshold).
+    """
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if not a.any() and not b.any():
+        return 0.0
+    if not a.any() or not b.any():
+        return math.inf
+    sampling = None if spacing is None else [float(s) for s in spacing]
+    da = ndimage.distance_transform_edt(~b, sampling=sampling)[_surface(a)]
+    db = ndimage.distance_transform_edt(~a, sampling=sampling)[_surface(b)]
+    return float(max(da.max(), db.max()))
+
+
+def iqr_thresholds(pdc: Sequence[float], phd: Sequence[float]) -> dict[str, float]:
+    """th_low = Q1(pDC) - 1.5 IQR(pDC), th_up = Q3(pHD) + 1.5 IQR(pHD) over the finite values.
+
+    Infinite pHD (an empty mask) is left out of the quartiles (it is an outlier by definition);
+    with no finite value at all th_up is 0 (every candidate fails), with no pDC th_low is -inf.
+    """
+    d = np.asarray([v for v in pdc if np.isfinite(v)], float)
+    h = np.asarray([v for v in phd if np.isfinite(v)], float)
+    if len(d):
+        q1, q3 = np.percentile(d, [25, 75])
+        th_low = float(q1 - 1.5 * (q3 - q1))
+    else:
+        th_low = -math.inf
+    if len(h):
+        q1, q3 = np.percentile(h, [25, 75])
+        th_up = float(q3 + 1.5 * (q3 - q1))
+    else:
+        th_up = 0.0
+    return {"th_low": th_low, "th_up": th_up}
+
+
+def _fails(pdc: float, phd: float, th_low: float, th_up: float) -> bool:
+    return pdc < th_low or phd > th_up or math.isinf(phd)
+
+
+def is_ood(pdcs: Sequence[float], phds: Sequence[float], th_low: float, th_up: float) -> bool:
+    """OoD when EVERY candidate has pDC < th_low or pHD > th_up (an infinite pHD always fails)."""
+    return all(_fails(d, h, th_low, th_up) for d, h in zip(pdcs, phds))
+
+
+def select_candidate(pdcs: Sequence[float], phds: Sequence[float], th_up: float) -> dict[str, Any]:
+    """Rank candidates by pDC (best first); take the first with a finite pHD < th_up; if none,
+    average the best-by-pDC and best-by-pHD soft maps.
+
+    Returns ``{"rule": "ranked", "model": i}`` or ``{"rule": "average", "models": [i_pdc, i_phd]}``.
+    """
+    order = sorted(range(len(pdcs)), key=lambda i: (-pdcs[i], phds[i]))
+    for i in order:
+        if math.isfinite(phds[i]) and phds[i] < th_up:
+            return {"rule": "ranked", "model": i}
+    best_hd = min(range(len(phds)), key=lambda i: (phds[i], -pdcs[i]))
+    return {"rule": "average", "models": [order[0], best_hd]}
+
+
+def load_candidates(network: torch.nn.Module, candidates_dir: str | Path) -> tuple[list[torch.nn.Module], list[str]]:
+    """Copies of ``network`` holding each checkpoint listed in ``candidates_dir/candidates.json``
+    (best validation loss first), or every ``*.pt`` there; ``([], [])`` when there is none."""
+    folder = Path(candidates_dir)
+    index = folder / "candidates.json"
+    if index.is_file():
+        files = [folder / e["file"] for e in json.loads(index.read_text())["candidates"]]
+    else:
+        files = sorted(folder.glob("*.pt"))
+    nets, names = [], []
+    for f in files:
+        if not f.is_file():
+            continue
+        net = copy.deepcopy(network)
+        net.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+        nets.append(net.eval())
+        names.append(f.name)
+    return nets, names
+
+
+class QCInferer:
+    """Inference with OoD detection and QC-based candidate selection, as ``inferer(inputs, network)``.
+
+    ``inputs``: one loaded volume ``(1, 1, H, W, Z)`` (a MetaTensor with its affine). The volume is
+    preprocessed (:func:`~scripts.data.preprocess_volume`), every candidate model (the m_best
+    checkpoints of ``candidates_dir``; ``network`` alone when ``use_qc`` is False or there are none)
+    predicts it slice by slice, R reconstructs each prediction, pDC/pHD are computed per class
+    (RV decides), the OoD flag and the selection rule are applied, and the chosen soft map is
+    returned on the input's grid ``(1, 4, H, W, Z)``. A ``<stem>_qc.json`` report goes to ``report_dir``.
+
+    Thresholds: :meth:`screen` sets them over a whole set (IQR of its pDC/pHD); otherwise (one
+    volume, as in MONAI Label) the validation-set thresholds saved in ``calibration_file`` are used.
+    """
+
+    def __init__(self, qc_network: torch.nn.Module | None, qc_ckpt: str | None, candidates_dir: str | None,
+                 target_spacing: Sequence[float], image_size: int = 256, report_dir: str | None = None,
+                 calibration_file: str | None = None, use_qc: bool = True, slice_batch_size: int = 16,
+                 min_set_size: int = 4, threshold_source: str = "set", num_classes: int = 4) -> None:
+        if threshold_source not in ("set", "calibration"):
+            raise ValueError(f"threshold_source must be 'set' or 'calibration', got {threshold_source!r}")
+        self.qc_network, self.qc_ckpt = qc_network, qc_ckpt
+        self.candidates_dir = candidates_dir
+        self.target_spacing = [float(s) for s in target_spacing]
+        self.image_size, self.slice_batch_size = int(image_size), int(slice_batch_size)
+        self.report_dir = report_dir
+        self.calibration_file = calibration_file
+        self.use_qc, self.min_set_size, self.threshold_source = use_qc, int(min_set_size), threshold_source
+        self.num_classes = num_classes
+        self.thresholds: dict[str, Any] | None = None
+        self._qc_loaded = False
+        self._candidates: tuple[list, list] | None = None
+        self.timings: dict[str, float] = {"segmentation_s": 0.0, "qc_s": 0.0}
+
+    # ---------------------------------------------------------------- models
+    def qc(self) -> torch.nn.Module | None:
+        if not self._qc_loaded and self.qc_network is not None:
+            if self.qc_ckpt and Path(self.qc_ckpt).is_file():
+                self.qc_network.load_state_dict(torch.load(self.qc_ckpt, map_location="cpu", weights_only=True))
+            else:
+                logger.warning("QC weights %s not found: the QC module R is untrained", self.qc_ckpt)
+            self.qc_network.eval()
+            self._qc_loaded = True
+        return self.qc_network
+
+    def candidates(self, network: torch.nn.Module) -> tuple[list[torch.nn.Module], list[str]]:
+        if not self.use_qc:
+            return [network], ["model.pt"]
+        if self._candidates is None:
+            self._candidates = load_candidates(network, self.candidates_dir) if self.candidates_dir else ([], [])
+        nets, names = self._candidates
+        return (nets, names) if nets else ([network], ["model.pt"])
+
+    # ---------------------------------------------------------------- steps
+    @torch.no_grad()
+    def predict(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Softmax of ``net`` on (Z, 1, S, S) in slice batches -> (Z, C, S, S)."""
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        out = [torch.softmax(net(x[i:i + self.slice_batch_size].to(device)), 1).float().cpu()
+               for i in range(0, x.shape[0], self.slice_batch_size)]
+        net.train(was_training)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def reconstruct(self, soft: torch.Tensor) -> torch.Tensor:
+        qc = self.qc()
+        device = next(qc.parameters()).device
+        return torch.cat([qc(soft[i:i + self.slice_batch_size].to(device)).float().cpu()
+                          for i in range(0, soft.shape[0], self.slice_batch_size)])
+
+    def measures(self, soft: torch.Tensor, z_ratio: float = 1.0) -> dict[str, dict[str, float]]:
+        """pDC and pHD (pixels of the network grid and mm) per class between the prediction and R's reconstruction."""
+        recon = self.reconstruct(soft)
+        pred_lab, rec_lab = soft.argmax(1).numpy(), recon.argmax(1).numpy()  # Z, S, S
+        px = (z_ratio, 1.0, 1.0)
+        mm = (z_ratio * self.target_spacing[0], self.target_spacing[0], self.target_spacing[1])
+        out: dict[str, dict[str, float]] = {"pDC": {}, "pHD": {}, "pHD_mm": {}}
+        for c, name in CLASS_NAMES.items():
+            a, b = pred_lab == c, rec_lab == c
+            out["pDC"][name] = dice(a, b)
+            out["pHD"][name] = hausdorff(a, b, px)
+            out["pHD_mm"][name] = hausdorff(a, b, mm)
+        return out
+
+    def _prepare(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict, float, str]:
+        vol = inputs[0] if inputs.ndim == 5 else inputs  # (1, H, W, Z)
+        spacing = spacing_from_meta(vol)
+        meta = getattr(vol, "meta", {}) or {}
+        name = str(meta.get("filename_or_obj", "volume"))
+        x, _, info = preprocess_volume(np.asarray(vol.detach().cpu())[0], spacing, self.target_spacing, self.image_size)
+        z_ratio = spacing[2] / self.target_spacing[0] if len(spacing) > 2 else 1.0
+        return x, info, z_ratio, name
+
+    def evaluate_candidates(self, inputs: torch.Tensor, network: torch.nn.Module) -> dict[str, Any]:
+        x, info, z_ratio, name = self._prepare(inputs)
+        nets, names = self.candidates(network)
+        t0 = time.perf_counter()
+        softs = [self.predict(n, x) for n in nets]
+        t1 = time.perf_counter()
+        per_model = [self.measures(s, z_ratio) for s in softs] if self.qc() is not None else []
+        self.timings["segmentation_s"] += t1 - t0
+        self.timings["qc_s"] += time.perf_counter() - t1
+        return {"name": name, "info": info, "softs": softs, "names": names, "measures": per_model}
+
+    # ---------------------------------------------------------------- thresholds
+    def saved_thresholds(self) -> dict[str, Any] | None:
+        if self.calibration_file and Path(self.calibration_file).is_file():
+            cal = json.loads(Path(self.calibration_file).read_text())
+            return {"th_low": float(cal["th_low"]), "th_up": float(cal["th_up"]), "source": "validation set (saved with the model)"}
+        return None
+
+    def screen(self, data: Sequence[Mapping[str, Any]], network: torch.nn.Module | None = None, loader=None) -> dict[str, Any]:
+        """Compute pDC/pHD of every candidate on every volume of ``data`` and set the IQR thresholds over the set.
+
+        With fewer than ``min_set_size`` volumes (or ``threshold_source="calibration"``) the saved
+        validation-set thresholds are used. Returns the thresholds and the per-volume measures.
+        """
+        from monai.transforms import EnsureChannelFirst, LoadImage
+
+        saved = self.saved_thresholds()
+        if self.threshold_source == "calibration" and saved is not None:
+            self.thresholds = saved  # nothing to compute over the set
+            return {**saved, "volumes": []}
+        load = loader or (lambda p: EnsureChannelFirst()(LoadImage(image_only=True)(p)))
+        rows = []
+        for d in data:
+            res = self.evaluate_candidates(load(d["image"])[None], network)
+            rows.append({"image": d["image"], "pDC": [m["pDC"]["RV"] for m in res["measures"]],
+                         "pHD": [m["pHD"]["RV"] for m in res["measures"]]})
+        self.thresholds = self.thresholds_for(rows)
+        return {**self.thresholds, "volumes": rows}
+
+    def thresholds_for(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        saved = self.saved_thresholds()
+        if self.threshold_source == "calibration" or len(rows) < self.min_set_size:
+            if saved is not None:
+                return saved
+        pdc = [v for r in rows for v in r["pDC"]]
+        phd = [v for r in rows for v in r["pHD"]]
+        return {**iqr_thresholds(pdc, phd), "source": f"IQR over the {len(rows)} screened volumes"}
+
+    def current_thresholds(self) -> dict[str, Any]:
+        return self.thresholds or self.saved_thresholds() or {"th_low": -math.inf, "th_up": math.inf, "source": "none"}
+
+    # ---------------------------------------------------------------- inference
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+        res = self.evaluate_candidates(inputs, network)
+        th = self.current_thresholds()
+        pdcs = [m["pDC"]["RV"] for m in res["measures"]]
+        phds = [m["pHD"]["RV"] for m in res["measures"]]
+        if pdcs and self.use_qc:
+            choice = select_candidate(pdcs, phds, th["th_up"])
+            if choice["rule"] == "ranked":
+                soft = res["softs"][choice["model"]]
+                selected = res["names"][choice["model"]]
+            else:
+                i, j = choice["models"]
+                soft = 0.5 * (res["softs"][i] + res["softs"][j])
+                selected = f"average({res['names'][i]},{res['names'][j]})"
+        else:
+            choice, soft, selected = {"rule": "single"}, res["softs"][0], res["names"][0]
+        out = invert_volume(soft, res["info"])[None].to(inputs.device)
+        if isinstance(inputs, MetaTensor):  # the input's geometry travels with the prediction (for SaveImaged / MONAI Label)
+            out = MetaTensor(out)
+            out.copy_meta_from(inputs, copy_attr=True)
+        if res["measures"]:
+            self.write_report(res, pdcs, phds, th, choice, selected)
+        return out
+
+    def write_report(self, res, pdcs, phds, th, choice, selected) -> dict:
+        report = {
+            "image": res["name"],
+            "candidates": res["names"],
+            "pDC": pdcs,
+            "pHD": phds,
+            "pHD_mm": [m["pHD_mm"]["RV"] for m in res["measures"]],
+            "per_class": [{"model": n, **m} for n, m in zip(res["names"], res["measures"])],
+            "decision_class": "RV",
+            "th_low": th["th_low"],
+            "th_up": th["th_up"],
+            "threshold_source": th.get("source", ""),
+            "ood": bool(is_ood(pdcs, phds, th["th_low"], th["th_up"])),
+            "selection_rule": choice["rule"],
+            "selected_model": selected,
+        }
+        self.last_report = report
+        if self.report_dir:
+            from shared_transforms.datalist import write_json
+
+            write_json(Path(self.report_dir) / f"{_stem(res['name'])}_qc.json", _json_safe(report))
+        return report
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def calibrate(inferer: QCInferer, network: torch.nn.Module, data: Sequence[Mapping[str, Any]], path: str) -> dict:
+    """IQR thresholds over the validation volumes' pDC/pHD, saved with the model for single-volume screening."""
+    from shared_transforms.datalist import write_json
+
+    saved_source = inferer.threshold_source
+    inferer.threshold_source, inferer.calibration_file = "set", None
+    result = inferer.screen(data, network)
+    inferer.threshold_source = saved_source
+    out = {"th_low": result["th_low"], "th_up": result["th_up"], "n_volumes": len(data),
+           "pDC": [r["pDC"] for r in result["volumes"]], "pHD": [r["pHD"] for r in result["volumes"]]}
+    write_json(path, _json_safe(out))
+    logger.info("QC calibration on %d validation volumes: th_low %.4f, th_up %.3f -> %s", len(data), out["th_low"], out["th_up"], path)
+    return out

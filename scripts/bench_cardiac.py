@@ -1,0 +1,103 @@
+"""Cost of the cardiac bundle's QC step relative to segmentation, per volume.
+
+For one volume (``slices`` x ``image_size``² on the network grid) the script times:
+- segmentation: segmenter M on every slice (one model, what a plain segmenter costs);
+- QC step: what QC-based inference adds to it: the other ``m_best - 1`` candidate models'
+  predictions, R's reconstruction of every candidate's prediction, pDC / pHD (pixels and mm) per
+  class, and the selection rule;
+and prints QC step ÷ segmentation (also split into its parts). Weights: a trained bundle root
+(``--bundle_root``, its models/candidates and models/qc) or random ones (timing barely depends
+on them; Hausdorff distances depend on the masks' surfaces).
+
+    python scripts/bench_cardiac.py                                  # paper sizes: 7 levels, 256², 10 slices
+    python scripts/bench_cardiac.py --image_size 64 --filters "[8,16,32,64]" --slices 4
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import sys
+import time
+
+import fire
+import numpy as np
+import torch
+from bundle_cli import BUNDLES
+
+BUNDLE = BUNDLES / "cardiac_qc_refinement"
+
+
+def main(image_size: int = 256, slices: int = 10, m_best: int = 3, filters: list[int] | None = None,
+         repeat: int = 3, threads: int = 2, bundle_root: str | None = None, seed: int = 0) -> dict:
+    """Time segmentation and the QC step on one synthetic volume; print the ratio.
+
+    Args:
+        image_size: network grid size (divisible by 2^(levels-1)).
+        slices: slices of the volume (an SA stack has ~10; LA has 1).
+        m_best: candidate models.
+        filters: segmenter widths (default: the paper's 32-64-128-256-480-480-480).
+        repeat: timed repetitions (median reported) after one warm-up.
+        threads: torch CPU threads.
+        bundle_root: a trained bundle root to take weights from (optional).
+    """
+    sys.path.insert(0, str(BUNDLE))
+    from scripts.data import invert_volume
+    from scripts.net import CardiacSegmenter, QCAutoencoder
+    from scripts.qc import QCInferer, is_ood, load_candidates, select_candidate
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    filters = list(filters) if filters else [32, 64, 128, 256, 480, 480, 480]
+    net = CardiacSegmenter(filters=filters, deep_supr_num=4).eval()
+    nets = [net] + [copy.deepcopy(net).eval() for _ in range(m_best - 1)]
+    qc_net = QCAutoencoder(4).eval()
+    qc_ckpt = None
+    if bundle_root:
+        loaded, _ = load_candidates(net, f"{bundle_root}/models/candidates")
+        nets = loaded[:m_best] or nets
+        qc_ckpt = f"{bundle_root}/models/qc/model.pt"
+    inferer = QCInferer(qc_net, qc_ckpt, None, [1.25, 1.25], image_size, slice_batch_size=16)
+    x = torch.randn(slices, 1, image_size, image_size)
+    info = {"shape": (image_size, image_size, slices), "box": (0, image_size, 0, image_size),
+            "resampled": (image_size, image_size), "size": image_size}
+
+    def timed(fn):
+        fn()
+        out = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return float(np.median(out))
+
+    t_seg = timed(lambda: invert_volume(inferer.predict(nets[0], x), info))
+    t_others = timed(lambda: [inferer.predict(n, x) for n in nets[1:]])
+    softs = [inferer.predict(n, x) for n in nets]
+
+    def qc_only():
+        ms = [inferer.measures(s, 1.0) for s in softs]
+        pdc, phd = [m["pDC"]["RV"] for m in ms], [m["pHD"]["RV"] for m in ms]
+        is_ood(pdc, phd, 0.5, 10.0)
+        select_candidate(pdc, phd, 10.0)
+
+    t_recon = timed(lambda: [inferer.reconstruct(s) for s in softs])
+    t_qc = timed(qc_only)
+    result = {
+        "device": f"{platform.processor() or platform.machine()}, {threads} torch threads, torch {torch.__version__}",
+        "volume": f"{slices} x {image_size}x{image_size}", "m_best": m_best, "filters": filters,
+        "segmentation_s": t_seg, "other_candidates_s": t_others, "qc_reconstruction_s": t_recon,
+        "qc_measures_and_selection_s": max(t_qc - t_recon, 0.0),
+        "qc_step_s": t_others + t_qc,
+    }
+    result["ratio_qc_step_over_segmentation"] = result["qc_step_s"] / t_seg
+    result["ratio_r_and_measures_only"] = t_qc / t_seg
+    for k, v in result.items():
+        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    print(f"QC step / segmentation per volume = {result['ratio_qc_step_over_segmentation']:.2f} "
+          f"(R + pDC/pHD + selection alone: {result['ratio_r_and_measures_only']:.2f})")
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire(main, serialize=lambda r: None)

@@ -1,0 +1,307 @@
+"""bundles/cardiac_qc_refinement: QC autoencoder size, threshold/selection logic on hand-made lists,
+preprocessing, and the whole chain (segmenter, QC, evaluation, inference with QC reports,
+refinement) through the documented MONAI CLI on phantoms, in subprocesses from a temporary directory."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import BUNDLES, bundle_run, make_phantoms, run
+
+BUNDLE = "cardiac_qc_refinement"
+ROOT = BUNDLES / BUNDLE
+SMALL = {"image_size": 64, "filters": [8, 16, 32, 64], "deep_supr_num": 2}
+ADAM = "$torch.optim.Adam(@network.parameters(), lr=0.002)"  # short CI runs; the default is the paper's SGD
+
+
+def _scripts():
+    """Import the bundle's `scripts` package under another name (no clash with other bundles)."""
+    name = "cardiac_scripts"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "scripts")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return {m: importlib.import_module(f"{name}.{m}") for m in ("net", "qc", "data", "losses", "refine")}
+
+
+# --------------------------------------------------------------------------------------- units
+def test_qc_autoencoder_has_779176_parameters_and_segmenter_returns_one_tensor_in_eval():
+    s = _scripts()
+    ae = s["net"].QCAutoencoder(4)
+    assert sum(p.numel() for p in ae.parameters()) == 779_176
+    assert ae.encoder(torch.rand(1, 4, 256, 256)).shape == (1, 100, 4, 4)
+    out = ae.eval()(torch.rand(2, 4, 256, 256))
+    assert out.shape == (2, 4, 256, 256) and torch.allclose(out.sum(1), torch.ones(2, 256, 256), atol=1e-5)
+    seg = s["net"].CardiacSegmenter(filters=[8, 16, 32, 64], deep_supr_num=2)
+    assert seg.train()(torch.rand(2, 1, 64, 64)).shape == (2, 3, 4, 64, 64)  # stacked deep supervision
+    assert seg.eval()(torch.rand(2, 1, 64, 64)).shape == (2, 4, 64, 64)
+    default = s["net"].CardiacSegmenter()
+    assert len(default.filters) == 7 and list(default.filters) == [32, 64, 128, 256, 480, 480, 480]
+
+
+def test_thresholds_ood_and_selection_on_hand_made_lists():
+    qc = _scripts()["qc"]
+    pdc = [0.90, 0.92, 0.91, 0.89, 0.93, 0.20]
+    phd = [3.0, 4.0, 3.5, 5.0, 4.5, 40.0, math.inf]
+    th = qc.iqr_thresholds(pdc, phd)
+    q1, q3 = np.percentile(pdc, [25, 75])
+    assert th["th_low"] == pytest.approx(q1 - 1.5 * (q3 - q1))
+    h1, h3 = np.percentile(phd[:-1], [25, 75])  # infinite HD is left out of the quartiles
+    assert th["th_up"] == pytest.approx(h3 + 1.5 * (h3 - h1))
+    assert qc.iqr_thresholds([], [math.inf]) == {"th_low": -math.inf, "th_up": 0.0}
+    # OoD only when EVERY candidate fails one of the two tests; infinite HD always fails
+    assert qc.is_ood([0.5, 0.6], [3.0, 4.0], th_low=0.8, th_up=10.0)
+    assert not qc.is_ood([0.5, 0.9], [3.0, 4.0], th_low=0.8, th_up=10.0)
+    assert qc.is_ood([0.95, 0.5], [math.inf, 4.0], th_low=0.8, th_up=10.0)
+    assert qc.is_ood([0.95, 0.9], [12.0, 11.0], th_low=0.8, th_up=10.0)
+    # selection: rank by pDC, first with pHD < th_up
+    assert qc.select_candidate([0.8, 0.9, 0.85], [5.0, 12.0, 6.0], th_up=10.0) == {"rule": "ranked", "model": 2}
+    assert qc.select_candidate([0.8, 0.9, 0.85], [5.0, 9.0, 6.0], th_up=10.0) == {"rule": "ranked", "model": 1}
+    # none passes -> average of best-by-pDC and best-by-pHD
+    assert qc.select_candidate([0.8, 0.9, 0.85], [15.0, 30.0, 12.0], th_up=10.0) == {"rule": "average", "models": [1, 2]}
+    # infinite HD never passes, even with th_up = inf
+    assert qc.select_candidate([0.9, 0.1], [math.inf, math.inf], th_up=math.inf)["rule"] == "average"
+    assert qc.select_candidate([0.9, 0.1], [math.inf, 3.0], th_up=math.inf) == {"rule": "ranked", "model": 1}
+
+
+def test_pseudo_measures_with_empty_masks():
+    qc = _scripts()["qc"]
+    a = np.zeros((1, 20, 20), bool)
+    b = a.copy()
+    assert qc.dice(a, b) == 1.0 and qc.hausdorff(a, b) == 0.0
+    b[0, 5:10, 5:10] = True
+    assert qc.dice(a, b) == 0.0 and math.isinf(qc.hausdorff(a, b))
+    a[0, 5:10, 8:13] = True  # shifted by 3 pixels
+    assert qc.hausdorff(a, b) == pytest.approx(3.0)
+    assert qc.hausdorff(a, b, spacing=(1.0, 1.0, 1.5)) == pytest.approx(4.5)
+
+
+def test_preprocessing_inverts_to_the_input_grid_and_alpha_schedules():
+    s = _scripts()
+    data, losses = s["data"], s["losses"]
+    img = np.zeros((50, 40, 3), np.float32)
+    img[5:45, 4:36] = np.random.default_rng(0).uniform(1, 2, (40, 32, 3))  # zero border: cropped away
+    lab = np.zeros_like(img)
+    lab[15:35, 10:30] = 3
+    lab[20:30, 15:25] = 1
+    x, y, info = data.preprocess_volume(img, (1.5, 1.5), (1.0, 1.0), 64, lab)
+    assert x.shape == y.shape == (3, 1, 64, 64) and info["box"] == (5, 45, 4, 36) and info["resampled"] == (60, 48)
+    inside = x[y > -1][x[y > -1] != 0]
+    assert abs(float(inside.mean())) < 0.2  # z-scored
+    back = data.invert_volume(losses.one_hot(y, 4), info).argmax(0).numpy()
+    assert back.shape == img.shape and (back == lab).mean() > 0.98
+    refine = s["refine"]
+    assert [refine.alpha_for(k) for k in (1, 2, 4)] == [1.0, 0.5, 0.25]
+    assert refine.alpha_for(25, "code") == pytest.approx(0.1)
+
+
+def test_layout_reader_nested_flat_and_unlabelled(tmp_path):
+    data = _scripts()["data"]
+    root = make_phantoms("cardiac", tmp_path / "mnm2", cwd=tmp_path, subjects=4, ood_subjects=1, sa_shape="(32,32,2)",
+                         flat_copy=True)
+    nested = data.find_mnms2_cases(str(root), "SA")
+    assert len(nested) == 10 and all("/data/" not in c["image"] for c in nested)  # the nested copy wins
+    assert {c["vendor"] for c in nested} == {"SIEMENS", "PHILIPS", "GE"}
+    assert [c["case"] for c in nested if not c["label"]] == ["005_SA_ED", "005_SA_ES"]
+    flat = data.find_mnms2_cases(str(root / "data"), "LA")
+    assert len(flat) == 10 and sum(bool(c["label"]) for c in flat) == 8 and flat[0]["vendor"] == "SIEMENS"
+    assert nib.load(flat[0]["image"]).shape == (32, 32, 1)  # LA: one slice
+    assert [d["case"] for d in data.list_unlabelled(str(root), "SA")] == ["005_SA_ED", "005_SA_ES"]
+    names = [Path(d["image"]).name for d in data.inference_datalist(str(root / "001"))]
+    assert names == ["001_LA_ED.nii.gz", "001_LA_ES.nii.gz", "001_SA_ED.nii.gz", "001_SA_ES.nii.gz"]
+
+
+# --------------------------------------------------------------------------------------- chain
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict:
+    """Phantoms -> segmenter -> QC module -> evaluation, through the CLI."""
+    work = tmp_path_factory.mktemp("cardiac")
+    data = make_phantoms("cardiac", work / "mnm2", cwd=work, subjects=8, ood_subjects=3, sa_shape="(64,64,4)")
+    root = work / "bundle"
+    common = dict(bundle_root=str(root), dataset_dir=str(data), **SMALL)
+    bundle_run(BUNDLE, ["train.json"], cwd=work, run_id="training", epochs=10, batch_size=4, m_best=3, optimizer=ADAM,
+               **common)
+    bundle_run(BUNDLE, ["train.json", "train_qc.json"], cwd=work, run_id="training", epochs=6, batch_size=4,
+               learning_rate=0.002, **common)
+    shutil.copytree(root / "models", work / "supervised_models")
+    bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=work, run_id="evaluating", **common)
+    return {"work": work, "data": data, "root": root, "common": common}
+
+
+def test_training_keeps_m_best_checkpoints_with_scores(chain):
+    models = chain["root"] / "models"
+    index = json.loads((models / "candidates" / "candidates.json").read_text())
+    entries = index["candidates"]
+    assert index["metric"] == "val_loss" and len(entries) == 3
+    losses = [e["val_loss"] for e in entries]
+    assert losses == sorted(losses) and len({e["epoch"] for e in entries}) == 3
+    assert sorted(p.name for p in (models / "candidates").glob("*.pt")) == sorted(e["file"] for e in entries)
+    assert _same(_state(models / "model.pt"), _state(models / "candidates" / entries[0]["file"]))  # best = model.pt
+    curves = (chain["root"] / "eval" / "learning_curves.csv").read_text().splitlines()
+    assert min(float(r.split(",")[-2]) for r in curves[1:]) == pytest.approx(losses[0], rel=1e-4)
+    assert json.loads((models / "preprocessing.json").read_text())["target_spacing"] == pytest.approx([1.375, 1.375])
+    # every .pt holds tensors only; auxiliary weights live in subfolders of models/
+    assert sorted(p.name for p in models.glob("*.pt")) == ["model.pt"]
+    for p in models.rglob("*.pt"):
+        torch.load(p, map_location="cpu", weights_only=True)
+
+
+def test_qc_module_trained_on_ground_truth_and_calibrated(chain):
+    models = chain["root"] / "models"
+    ae = _scripts()["net"].QCAutoencoder(4)
+    ae.load_state_dict(_state(models / "qc" / "model.pt"))
+    cal = json.loads((models / "qc" / "calibration.json").read_text())
+    assert cal["n_volumes"] == len(cal["pDC"]) >= 4 and all(len(v) == 3 for v in cal["pDC"])  # every candidate
+    assert float(cal["th_up"]) > 0
+    datalist = json.loads((chain["root"] / "eval" / "datalist_SA.json").read_text())
+    label = nib.load(datalist["training"][0]["label"]).get_fdata()
+    assert set(np.unique(label)) == {0, 1, 2, 3}
+
+
+def test_evaluation_dice_and_hd_per_class_rv_first(chain):
+    metrics = json.loads((chain["root"] / "eval" / "metrics.json").read_text())
+    keys = [k for k in metrics if k.startswith("mean_dice_")]
+    assert keys == ["mean_dice_RV", "mean_dice_LV", "mean_dice_MYO"]
+    assert metrics["n_cases"] == 4 and metrics["mean_dice_RV"] > 0.5  # the segmenter learnt the phantom
+    assert all(math.isfinite(metrics[f"mean_hd_mm_{c}"]) for c in ("RV", "LV", "MYO"))
+    assert list(metrics["cases"][0])[:3] == ["case", "dice_RV", "hd_mm_RV"]
+    reports = sorted((chain["root"] / "eval" / "qc_reports").glob("*_qc.json"))
+    assert len(reports) == 4
+    report = json.loads(reports[0].read_text())
+    assert report["threshold_source"].startswith("IQR over the 4")
+
+
+def test_inference_masks_and_qc_reports_ood_flagged_more_often(chain, tmp_path):
+    data = chain["data"]
+    datalist = json.loads((chain["root"] / "eval" / "datalist_SA.json").read_text())
+    new = tmp_path / "new"
+    new.mkdir()
+    in_dist = [Path(c["image"]) for c in datalist["test"]]
+    ood = sorted(p for p in data.rglob("*_SA_E?.nii.gz") if p.parent.name in {"009", "010", "011"})
+    for p in in_dist + ood:
+        shutil.copy(p, new / p.name)
+    shutil.copy(Path(datalist["test"][0]["label"]), new / Path(datalist["test"][0]["label"]).name)  # _gt: not read
+    img = nib.load(data / "001" / "001_LA_ED.nii.gz")
+    nib.save(img, new / "001_LA_ED.nii")  # .nii read too; one LA slice
+    out = tmp_path / "out"
+    bundle_run(BUNDLE, ["inference.json"], cwd=tmp_path, bundle_root=str(chain["root"]), dataset_dir=str(new),
+               output_dir=str(out), threshold_source="calibration", **SMALL)
+    stems = [p.name.split(".nii")[0] for p in in_dist + ood] + ["001_LA_ED"]
+    assert sorted(p.name for p in out.glob("*_qc.json")) == sorted(f"{s}_qc.json" for s in stems)
+    flags = {}
+    for s in stems:
+        src = nib.load(next(new.glob(f"{s}.nii*")))
+        pred = nib.load(out / f"{s}_seg.nii.gz")
+        assert pred.shape == src.shape and pred.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+        assert set(np.unique(np.asanyarray(pred.dataobj)).tolist()) <= {0, 1, 2, 3}
+        report = json.loads((out / f"{s}_qc.json").read_text())
+        assert {"pDC", "pHD", "pHD_mm", "th_low", "th_up", "ood", "selected_model"} <= set(report)
+        assert len(report["pDC"]) == 3 and report["selection_rule"] in ("ranked", "average")
+        flags[s] = report["ood"]
+    ood_rate = np.mean([flags[p.name.split(".nii")[0]] for p in ood])
+    id_rate = np.mean([flags[p.name.split(".nii")[0]] for p in in_dist])
+    assert ood_rate > id_rate, flags
+    id_folder = tmp_path / "in_distribution"  # unlabelled in-distribution volumes for the refinement test
+    id_folder.mkdir()
+    for p in in_dist:
+        shutil.copy(p, id_folder / p.name)
+    chain["id_folder"] = id_folder
+
+
+def test_refinement_updates_only_when_flagged(chain, tmp_path):
+    """One refinement iteration on the unlabelled OoD phantoms: flagged -> the weights change; on
+    in-distribution volumes the weights change exactly when something is flagged."""
+    before = _state(chain["work"] / "supervised_models" / "model.pt")
+    runs = {}
+    for name, folder, k in (("ood", chain["data"], 1), ("id", chain.get("id_folder"), 1)):
+        if folder is None:
+            pytest.skip("needs the inference test's in-distribution folder")
+        root = tmp_path / name
+        shutil.copytree(chain["work"] / "supervised_models", root / "models")
+        bundle_run(BUNDLE, ["train.json", "refine.json"], cwd=tmp_path, run_id="refining", bundle_root=str(root),
+                   dataset_dir=str(chain["data"]), unlabelled_dir=str(folder), K_semi=k, batch_size=8,
+                   threshold_source="calibration", **SMALL)
+        log = json.loads((root / "eval" / "refine" / "refine_log.json").read_text())
+        runs[name] = (log, _state(root / "models" / "model.pt"), root)
+    log, after, root = runs["ood"]
+    first = log["iterations"][0]
+    assert len(log["unlabelled"]) == 6 and first["ood"], "the OoD phantoms are flagged"
+    assert {"th_low", "th_up"} <= set(first["thresholds"]) and first["supervised_loss"] > 0
+    assert first["semi_steps"] and all(s["alpha"] == 1.0 for s in first["semi_steps"])
+    assert log["updated"] and not _same(before, after)
+    assert set(log["final"]) == {"thresholds", "ood", "measures"}  # the set screened again after K_semi iterations
+    index = json.loads((root / "models" / "candidates" / "candidates.json").read_text())
+    assert index["candidates"][0].get("refined") and _same(after, _state(root / "models" / "candidates" / index["candidates"][0]["file"]))
+    assert _same(before, _state(root / "models" / "supervised" / "model.pt"))  # the supervised model is kept
+    log, after, _ = runs["id"]
+    assert len(log["unlabelled"]) == 4 and not any(c.startswith(("009", "010", "011")) for c in log["unlabelled"])
+    flagged = any(it["ood"] for it in log["iterations"])
+    assert log["updated"] == flagged and _same(before, after) == (not flagged)
+
+
+# --------------------------------------------------------------------------------------- tooling
+
+def test_monai_label_style_inference_single_volume(chain, tmp_path):
+    """MONAI Label reads only inference.json and calls inferer(inputs, network) per volume: the QC
+    step runs inside the inferer with the thresholds saved from the validation set."""
+    image = chain["data"] / "009" / "009_SA_ED.nii.gz"
+    check = textwrap.dedent(
+        f"""
+        import sys, json, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from monai.bundle import ConfigParser
+        p = ConfigParser()
+        p.read_config({str(ROOT / 'configs' / 'inference.json')!r})
+        p.update({{'bundle_root': {str(chain['root'])!r}, 'output_dir': {str(tmp_path / 'ml')!r}, 'image_size': 64,
+                  'filters': [8, 16, 32, 64], 'deep_supr_num': 2, 'device': torch.device('cpu')}})
+        net = p.get_parsed_content('network_def')
+        net.load_state_dict(torch.load({str(chain['root'] / 'models' / 'model.pt')!r}, weights_only=True))
+        net.eval()
+        data = p.get_parsed_content('preprocessing')({{'image': {str(image)!r}, 'image_path': {str(image)!r}}})
+        data['pred'] = p.get_parsed_content('inferer')(data['image'][None], net)[0]
+        from monai.transforms import SaveImaged
+        post = [t for t in p.get_parsed_content('postprocessing').transforms if not isinstance(t, SaveImaged)]
+        assert len(post) == 1  # MONAI Label drops the writer (a SaveImaged subclass) and adds its own
+        for t in post:
+            data = t(data)
+        assert data['pred'].dtype == torch.uint8 and data['pred'].shape[1:] == data['image'].shape[1:]
+        report = json.load(open({str(tmp_path / 'ml' / '009_SA_ED_qc.json')!r}))
+        assert report['threshold_source'].startswith('validation set'), report['threshold_source']
+        print('ML_OK', report['ood'])
+        """
+    )
+    assert "ML_OK" in run([sys.executable, "-c", check], cwd=tmp_path).stdout
+
+
+def test_ddp_two_cpu_processes(chain, tmp_path):
+    configs = ROOT / "configs"
+    files = json.dumps([str(configs / "train.json"), str(configs / "multi_gpu_train.json")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+           "-m", "monai.bundle", "run", "training", "--config_file", files, "--bundle_root", str(tmp_path),
+           "--dataset_dir", str(chain["data"]), "--epochs", "1", "--image_size", "64", "--filters", "[8,16,32,64]",
+           "--deep_supr_num", "2", "--batch_size", "8", "--m_best", "2"]
+    run(cmd, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    saved = sorted(str(p.relative_to(tmp_path / "models")) for p in (tmp_path / "models").rglob("*.pt"))
+    assert saved == ["candidates/model_epoch1.pt", "model.pt", "resume/checkpoint.pt"]
