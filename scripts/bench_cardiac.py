@@ -18,11 +18,10 @@ from __future__ import annotations
 import copy
 import platform
 import sys
-import time
 
 import fire
-import numpy as np
 import torch
+from bench_utils import timeit
 from bundle_cli import BUNDLES
 
 BUNDLE = BUNDLES / "cardiac_qc_refinement"
@@ -63,13 +62,7 @@ def main(image_size: int = 256, slices: int = 10, m_best: int = 3, filters: list
             "resampled": (image_size, image_size), "size": image_size}
 
     def timed(fn):
-        fn()
-        out = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return float(np.median(out))
+        return timeit(fn, repeat)
 
     t_seg = timed(lambda: invert_volume(inferer.predict(nets[0], x), info))
     t_others = timed(lambda: [inferer.predict(n, x) for n in nets[1:]])
