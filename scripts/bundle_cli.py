@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 PHANTOMS = REPO / "scripts" / "phantoms.py"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for local servers and process groups)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def bundle_cmd(bundle: str, configs: list[str], run_id: str = "run", **overrides) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import fire
 from bundle_archive import bundle_names, read_metadata
-from bundle_cli import BUNDLES, REPO
+from bundle_cli import BUNDLES, REPO, free_port
 
 SCHEMA = REPO / "scripts" / "schemas" / "meta_schema_20220324.json"
 REQUIRED_FILES = (
@@ -43,6 +43,16 @@ def input_shape(meta: dict, n: int = N_SPATIAL) -> list[int]:
     image = next(iter(meta["network_data_format"]["inputs"].values()))
     spatial = [int(eval(str(s), {"n": n})) for s in image["spatial_shape"]]  # "32*n" -> 64
     return [1, int(image["num_channels"]), *spatial]
+
+
+def fresh_network(bundle: Path):
+    """``network_def`` of the bundle's inference.json, freshly initialised (the bundle folder must be on sys.path)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    return parser.get_parsed_content("network_def")
 
 
 def config_checks(bundle: Path) -> list[tuple[str, list[str], str]]:
@@ -89,14 +99,9 @@ def _check_properties(files: list[str], kind: str, bundle: Path, output_root: Pa
         if key in workflow.parser:
             workflow.parser[key] = value
     if distributed:  # its initialize joins a process group: make it a one-process gloo group
-        import socket
-
         import torch.distributed as dist
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     try:
         workflow.initialize()
         return workflow.check_properties() or []
@@ -121,7 +126,7 @@ def _outputs_equal(a, b, what: str, rtol: float = 1e-4, atol: float = 1e-4) -> N
 def check_one(name: str, work_dir: Path, bundles_dir: Path = BUNDLES) -> bool:
     """All checks of one bundle in this process; prints PASS/FAIL lines, returns whether all passed."""
     import torch
-    from monai.bundle import ConfigParser, ckpt_export, onnx_export, verify_metadata, verify_net_in_out
+    from monai.bundle import ckpt_export, onnx_export, verify_metadata, verify_net_in_out
 
     bundle = Path(bundles_dir).resolve() / name
     configs = bundle / "configs"
@@ -157,10 +162,7 @@ def check_one(name: str, work_dir: Path, bundles_dir: Path = BUNDLES) -> bool:
         verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=infer_file, bundle_root=str(bundle))
 
     def fresh_weights():
-        parser = ConfigParser()
-        parser.read_config(infer_file)
-        parser["bundle_root"] = str(bundle)
-        net = parser.get_parsed_content("network_def").eval()
+        net = fresh_network(bundle).eval()
         ckpt = work_dir / "model.pt"
         torch.save(net.state_dict(), ckpt)
         shape = input_shape(state["meta"])

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ import fire
 import nibabel as nib
 import numpy as np
 from bundle_archive import bundle_names, safe_extract
-from bundle_cli import REPO
+from bundle_cli import REPO, free_port
 from PIL import Image
 
 TIMEOUT_START_S = 300
@@ -162,10 +161,7 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
         shutil.copy(label, studies / "labels" / "final" / f"train_{stem}.nii.gz")
 
     # 4. the server
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")
     cmd = [monailabel, "start_server", "--app", str(app), "--studies", str(studies), "--conf", "models", ",".join(names),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from pathlib import Path
 
 import fire
 from bundle_archive import download
@@ -31,7 +32,7 @@ def main(name: str, bundle_dir: str, index: str | None = None, url: str | None =
     if isinstance(sha256, int):  # fire reads an all-digit hash as a number
         sha256 = str(sha256).zfill(64)
     if index:
-        index_url = index if "://" in index else f"file://{__import__('os').path.abspath(index)}"
+        index_url = index if "://" in index else Path(index).resolve().as_uri()
         with urllib.request.urlopen(index_url) as response:
             entries = {e["name"]: e for e in json.load(response)["bundles"]}
         if name not in entries:

@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 import site
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,17 +19,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from bundle_archive import bundle_names, read_metadata, uses_shared_transforms
+from bundle_cli import free_port
 from helpers import BUNDLES, REPO, run
 
 SHIPPED = "liver_ct_mri_transfer"  # the bundle downloaded and run (small weights, fast inference)
 PACKAGE = REPO / "scripts" / "package_bundles.py"
 DOWNLOAD = REPO / "scripts" / "download_bundle.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +50,11 @@ def fresh_weights(bundle: str, models_dir: Path) -> Path:
     code = textwrap.dedent(
         f"""
         import sys, torch
-        from monai.bundle import ConfigParser
-        sys.path.insert(0, {str(BUNDLES / bundle)!r})
-        parser = ConfigParser()
-        parser.read_config({str(BUNDLES / bundle / "configs" / "inference.json")!r})
+        from pathlib import Path
+        sys.path[:0] = [{str(BUNDLES / bundle)!r}, {str(REPO / "scripts")!r}]
+        from check_bundles import fresh_network
         torch.manual_seed(0)
-        torch.save(parser.get_parsed_content("network_def").state_dict(), {str(models_dir / "model.pt")!r})
+        torch.save(fresh_network(Path({str(BUNDLES / bundle)!r})).state_dict(), {str(models_dir / "model.pt")!r})
         """
     )
     run([sys.executable, "-c", code], cwd=models_dir)
