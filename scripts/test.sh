@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Second quick-start command: install (with the test extra) and run the whole test suite.
+# Second quick-start command: install (with the test and mlflow extras) into the environment
+# scripts/env.sh chooses, then run the whole test suite there. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-bash scripts/install.sh --test
+source scripts/env.sh
+medseg_env
+bash scripts/install.sh --extras test,mlflow
+echo "[test] $PYTHON -m pytest tests $*"
 "$PYTHON" -m pytest tests "$@"

@@ -9,10 +9,8 @@ audited and repeated.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -21,12 +19,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from .files import BAD_CASES_FILE, write_json  # noqa: F401  (re-exported: bundles import them from here)
+
 __all__ = ["check_case", "scan_cases", "split_cases", "fold_datalist", "write_json", "list_images", "BAD_CASES_FILE"]
 
 logger = logging.getLogger(__name__)
-
-#: name of the report of dropped cases that bundles write next to their outputs
-BAD_CASES_FILE = "bad_cases.json"
 
 
 def _load_shape(path: str) -> tuple[int, ...]:
@@ -154,21 +151,6 @@ def fold_datalist(split: Mapping[str, Sequence], fold: int) -> dict[str, list]:
             "the dataset has too few patients for this number of folds."
         )
     return {"training": training, "validation": validation, "test": list(split["test"])}
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> str:
-    """Write ``obj`` as indented JSON atomically (temporary file + rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=4, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return str(path)
 
 
 def list_images(

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from shared_transforms.datalist import write_json
+from shared_transforms.files import write_json
 
 __all__ = ["ResumeCheckpoint", "LearningCurves", "SegmentationReport", "atomic_torch_save"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-from shared_transforms.datalist import BAD_CASES_FILE, write_json
+from shared_transforms.files import BAD_CASES_FILE, write_json
 
 __all__ = ["IMAGE_SUFFIXES", "MASK_SUFFIXES", "scan_pairs", "polyp_datalist", "EnsureRGBd", "BinarizeMaskd", "list_rgb_images"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from shared_transforms.datalist import write_json
+from shared_transforms.files import write_json
 
 __all__ = ["THRESHOLDS", "threshold_dice_iou", "dice_iou_at", "PolypReport", "PAPER_TABLE1"]
 
