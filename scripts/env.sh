@@ -9,7 +9,9 @@
 medseg_env() {
     local repo where
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-    if [[ -n "${PYTHON:-}" ]]; then
+    if [[ -n "${MEDSEG_ENV:-}" && "${PYTHON:-}" == "$MEDSEG_ENV" ]]; then
+        return 0  # chosen and reported by the calling script
+    elif [[ -n "${PYTHON:-}" ]]; then
         where="PYTHON=$PYTHON"
     elif [[ -n "${VIRTUAL_ENV:-}" ]]; then
         PYTHON="$VIRTUAL_ENV/bin/python"
@@ -41,6 +43,7 @@ medseg_env() {
         return 1
     fi
     PATH="$(dirname "$PYTHON"):$PATH"
-    export PYTHON PATH
+    MEDSEG_ENV="$PYTHON"
+    export PYTHON PATH MEDSEG_ENV
     echo "[env] using $where ($("$PYTHON" -c 'import sys; print(sys.executable, "Python", sys.version.split()[0])'))"
 }

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import REPO, run
@@ -33,3 +34,29 @@ def test_check_monailabel_guard_as_documented(tmp_path):
     (site / "medseg_repo.pth").write_text(f"{REPO}\n")
     bad = subprocess.run(["bash", str(REPO / "scripts" / "check_monailabel.sh"), "--guard-only"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "shared_transforms must not be installed" in bad.stderr, bad.stdout + bad.stderr
+
+
+def _choose_env(repo: Path, env: dict) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHON", "MEDSEG_ENV")}
+    return subprocess.run(["bash", "-c", 'source scripts/env.sh && medseg_env && echo "CHOSEN $PYTHON"'], cwd=repo,
+                          env={**clean, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_install_environment_choice(tmp_path):
+    """scripts/env.sh (used by install.sh, test.sh, quickstart.sh): the active venv, else ./.venv, created once."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / "env.sh").write_text((REPO / "scripts" / "env.sh").read_text())
+    active = tmp_path / "active"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(active)], check=True)
+    proc = _choose_env(repo, {"VIRTUAL_ENV": str(active)})
+    assert proc.returncode == 0 and f"CHOSEN {active}/bin/python" in proc.stdout, proc.stdout + proc.stderr
+    assert "the active virtual environment" in proc.stdout and not (repo / ".venv").exists()
+    base = {"MEDSEG_BASE_PYTHON": sys.executable}
+    first = _choose_env(repo, base)
+    assert first.returncode == 0 and f"CHOSEN {repo}/.venv/bin/python" in first.stdout, first.stdout + first.stderr
+    assert "creating" in first.stdout and (repo / ".venv" / "bin" / "python").exists()
+    again = _choose_env(repo, base)
+    assert "creating" not in again.stdout and "the repository's virtual environment" in again.stdout
+    too_old = _choose_env(tmp_path / "repo", {"PYTHON": "/nonexistent/python"})
+    assert too_old.returncode != 0 and "missing or older than Python 3.10" in too_old.stderr
