@@ -48,7 +48,8 @@ def _fmt(v) -> str:
 
 def main(data_root: str, out_dir: str, epochs: int = 100, teacher_epochs: int = 100, teacher_ckpt: str | None = None,
          variants: list[str] = ("none", "kl", "attention", "attention_sgm"), temperatures: list[float] = (1, 2, 4, 6, 8),
-         image_size: int = 352, size_multiple: int = 32, batch_size: int = 16, seed: int = 0) -> dict:
+         image_size: int = 352, size_multiple: int = 32, batch_size: int = 16, seed: int = 0,
+         pretrained_path: str | None = None) -> dict:
     """Run the ablation and write the tables.
 
     Args:
@@ -61,11 +62,16 @@ def main(data_root: str, out_dir: str, epochs: int = 100, teacher_epochs: int = 
         temperatures: T values of Table 4 (variant attention_sgm).
         image_size, size_multiple, batch_size: training overrides (small values for phantoms).
         seed: the same seed for every run.
+        pretrained_path: local ImageNet checkpoint of the backbones (timm PVTv2 state_dict). Without it the
+            backbones start from random weights and the tables say that they are not comparable to the paper.
     """
     data, out = str(Path(data_root).resolve()), Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     common = dict(dataset_dir=data, image_size=image_size, size_multiple=size_multiple, batch_size=batch_size,
                   seed=seed, resume=False)
+    if pretrained_path:
+        common["pretrained_path"] = str(Path(pretrained_path).resolve())
+    init = f"ImageNet ({pretrained_path})" if pretrained_path else "random weights: NOT comparable to the paper"
     start = time.perf_counter()
     if not teacher_ckpt:
         teacher_root = out / "teacher"
@@ -95,11 +101,13 @@ def main(data_root: str, out_dir: str, epochs: int = 100, teacher_epochs: int = 
             "paper_etis_mDice": PAPER_TABLE3[kd][0] if t == 2.0 and kd in PAPER_TABLE3 else None,
             "paper_etis_mIoU": PAPER_TABLE3[kd][1] if t == 2.0 and kd in PAPER_TABLE3 else None,
             "paper_colondb_mDice": PAPER_TABLE4.get(int(t)) if kd == "attention_sgm" and t == int(t) else None,
+            "backbone_init": init, "evaluation": m.get("evaluation", ""),
         })
     write_csv(rows, out / "ablation.csv")
     lines = [f"# KDAS ablation on {data}", "",
              f"{epochs} student epochs, image size {image_size}, batch {batch_size}, seed {seed}; "
              "mDice/mIoU threshold-averaged (METHODS §2). Paper values from KDAS Tables 3 and 4.", "",
+             f"Backbone initialisation: {init}. Probability maps: {rows[0]['evaluation'] if rows else '?'}.", "",
              "## Table 3: distillation variant (T = 2), ETIS-LaribPolypDB", "",
              "| variant | `kd` | mDice | mIoU | mean mDice, all sets | paper mDice | paper mIoU |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:

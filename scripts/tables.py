@@ -10,8 +10,9 @@ import numpy as np
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    """Rows as CSV; the columns are every key of any row, in first-seen order (missing cells empty)."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -158,8 +158,10 @@ def test_attention_kd_and_sgm_by_hand():
     c_s = [[sum(a_s[i][k] * a_s[j][k] for k in range(2)) for j in range(2)] for i in range(2)]
     c_t = [[sum(a_t[i][k] * a_t[j][k] for k in range(2)) for j in range(2)] for i in range(2)]
     assert c_s[0][1] == pytest.approx(c_s[1][0])  # symmetric
-    got_c = losses.symmetric_structure(got_a)
+    got_c = losses.symmetric_structure(got_a, "none")  # the raw Gram matrix
     assert torch.allclose(got_c[0], torch.tensor(c_s), atol=1e-6)
+    assert torch.allclose(losses.symmetric_structure(got_a)[0], torch.tensor(c_s) / 2, atol=1e-6)  # default: / W
+    c_s, c_t = [[v / 2 for v in row] for row in c_s], [[v / 2 for v in row] for row in c_t]
     # batchmean: a batch of the same image twice gives the same value (sum / B)
     s2 = torch.tensor([xs, xs])[:, None]
     t2 = torch.tensor([xt, xt])[:, None]
@@ -196,6 +198,150 @@ def test_each_kd_term_sends_gradient_to_student_only(term):
     assert all(p.grad is None for p in teacher.parameters()), "gradient reached the teacher"
 
 
+def _configured_loss() -> "losses.KDASLoss":
+    """train.json's ``loss``, its @references resolved against train.json's top-level values."""
+    config = json.loads((CONFIGS / "train.json").read_text())
+    spec = dict(config["loss"])
+    assert spec.pop("_target_") == "scripts.losses.KDASLoss"
+    return losses.KDASLoss(**{k: config[v[1:]] if isinstance(v, str) and v.startswith("@") else v for k, v in spec.items()})
+
+
+def _logit_maps(size: int, amplitude: float, shift: int = 0, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A soft-edged disk as logits of ±amplitude, and the (unshifted) disk mask."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    r = size / 5
+    inside = lambda dy: (((yy - size / 2 - dy) ** 2 + (xx - size / 2) ** 2) < r**2).float()[None, None]  # noqa: E731
+    soft = torch.nn.functional.avg_pool2d(inside(shift), 9, 1, 4)
+    return (amplitude * (2 * soft - 1)).repeat(batch, 1, 1, 1), inside(0).repeat(batch, 1, 1, 1)
+
+
+@pytest.mark.parametrize("size", [352, 448])
+def test_kd_terms_stay_comparable_to_segmentation_at_paper_sizes(size):
+    """Teacher logits ±8, student ±4 (shifted): each KD term of train.json's loss is at most 10 × Σ_k L_seg and
+    sends a finite, non-zero gradient to the student. The raw Gram matrix (sgm_norm none) does not stay bounded."""
+    loss = _configured_loss()
+    assert loss.kd == "attention_sgm" and loss.sgm_norm == "width"
+    teacher, gt = _logit_maps(size, 8.0)
+    student_map, _ = _logit_maps(size, 4.0, shift=size // 20)
+    teacher = (teacher, teacher + 0.5)
+    student = tuple(student_map.clone().requires_grad_(True) for _ in range(2))
+    seg = sum(losses.structure_loss(s, gt) for s in student).item()
+    terms = loss.kd_terms(student, teacher)
+    assert set(terms) == {"at", "sgm"}
+    for name, value in terms.items():
+        assert torch.isfinite(value) and 0 < value.item() <= 10 * seg, (name, value.item(), seg)
+        grads = torch.autograd.grad(value, student, retain_graph=True, allow_unused=True)
+        norm = sum(float(g.norm()) for g in grads if g is not None)
+        assert math.isfinite(norm) and norm > 0, (name, norm)
+    raw = losses.KDASLoss("attention_sgm", sgm_norm="none").kd_terms(student, teacher)["sgm"].item()
+    assert raw > 10 * seg, (raw, seg)  # the defect the normalisation removes
+
+
+def test_sgm_normalisations_by_hand():
+    a = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 1.0, -1.0]]])  # H = 2 rows observed over W = 3 columns
+    gram = [[14.0, -1.0], [-1.0, 2.0]]
+    assert torch.allclose(losses.symmetric_structure(a, "none")[0], torch.tensor(gram))
+    assert torch.allclose(losses.symmetric_structure(a, "width")[0], torch.tensor(gram) / 3)
+    # centred: row means (2, 0) -> rows (-1, 0, 1) and (0, 1, -1)
+    assert torch.allclose(losses.symmetric_structure(a, "centred")[0], torch.tensor([[2.0, -1.0], [-1.0, 2.0]]) / 3)
+    with pytest.raises(ValueError):
+        losses.symmetric_structure(a, "trace")
+    with pytest.raises(ValueError):
+        losses.KDASLoss(sgm_norm="gram")
+
+
+def test_kd_loss_is_fp32_under_fp16_autocast():
+    """448², teacher logits ±14: X·Xᵀ exceeds fp16's 65504, yet the loss under CPU fp16 autocast (network outputs in
+    fp16, as AMP produces them) is finite and within 1% of the fp32 value."""
+    loss = _configured_loss()
+    teacher, gt = _logit_maps(448, 14.0, batch=1)
+    student, _ = _logit_maps(448, 4.0, shift=20, batch=1)
+    reference = loss((student, student), gt, (teacher, teacher)).item()
+    assert math.isfinite(reference)
+    with torch.autocast("cpu", dtype=torch.float16):
+        x = teacher[:, 0]
+        assert not torch.isfinite(torch.bmm(x, x.transpose(1, 2))).all()  # what fp16 bmm would give
+        value = loss((student.half(), student.half()), gt, (teacher.half(), teacher.half()))
+    assert value.dtype == torch.float32 and math.isfinite(value.item())
+    assert value.item() == pytest.approx(reference, rel=0.01)
+    assert all(math.isfinite(float(v)) for v in loss.last_terms.values())
+
+
+class _ReferenceSAM(torch.nn.Module):
+    """Polyp-PVT's SAM + GCN rebuilt from the published structure (nn.AdaptiveAvgPool2d priors, matmul),
+    independently of the bundle's implementation."""
+
+    def __init__(self, num_in: int = 32, plane_mid: int = 16, mids: int = 4) -> None:
+        super().__init__()
+        self.num_s, self.num_n = plane_mid, mids * mids
+        self.priors = torch.nn.AdaptiveAvgPool2d((mids + 2, mids + 2))
+        self.conv_state = torch.nn.Conv2d(num_in, plane_mid, 1)
+        self.conv_proj = torch.nn.Conv2d(num_in, plane_mid, 1)
+        self.gcn_conv1 = torch.nn.Conv1d(self.num_n, self.num_n, 1)
+        self.gcn_conv2 = torch.nn.Conv1d(plane_mid, plane_mid, 1, bias=False)
+        self.conv_extend = torch.nn.Conv2d(plane_mid, num_in, 1, bias=False)
+
+    def forward(self, x, edge):
+        n, _, h, w = x.shape
+        edge = torch.softmax(edge, dim=1)[:, 1, :, :].unsqueeze(1)
+        x_state = self.conv_state(x).view(n, self.num_s, -1)
+        x_proj = self.conv_proj(x)
+        x_anchor = self.priors(x_proj * edge)[:, :, 1:-1, 1:-1].reshape(n, self.num_s, -1)
+        affinity = torch.softmax(torch.matmul(x_anchor.permute(0, 2, 1), x_proj.reshape(n, self.num_s, -1)), dim=1)
+        nodes = torch.matmul(x_state, affinity.permute(0, 2, 1))
+        rel = torch.relu(self.gcn_conv2(self.gcn_conv1(nodes.permute(0, 2, 1)).permute(0, 2, 1) - nodes))
+        return x + self.conv_extend(torch.matmul(rel, affinity).view(n, self.num_s, h, w))
+
+
+def test_sam_matches_published_module():
+    torch.manual_seed(0)
+    sam = net_mod.SAM(32, num_state=16, grid=4).eval()
+    ref = _ReferenceSAM().eval()
+    for mine, theirs in [(sam.conv_state, ref.conv_state), (sam.conv_proj, ref.conv_proj), (sam.gcn.node_conv, ref.gcn_conv1),
+                         (sam.gcn.state_conv, ref.gcn_conv2), (sam.conv_extend, ref.conv_extend)]:
+        theirs.load_state_dict(mine.state_dict())
+    for h, w in [(11, 13), (44, 44)]:
+        x, edge = torch.randn(2, 32, h, w), torch.randn(2, 32, h, w) * 3
+        with torch.no_grad():
+            assert torch.allclose(sam(x, edge), ref(x, edge), atol=1e-5, rtol=1e-5), (h, w)
+
+
+def test_sam_edge_is_t1_halved_with_aligned_corners():
+    """Polyp-PVT downsamples t1 with nn.Upsample(scale_factor=0.5, bilinear, align_corners=True) before SAM."""
+    net = net_mod.PolypPVT("pvt_v2_b0", return_both=True).eval()
+    seen = {}
+    net.t1.register_forward_hook(lambda m, a, out: seen.update(t1=out))  # hooks must return None
+    net.sam.register_forward_pre_hook(lambda m, args: seen.update(edge=args[1]))
+    with torch.no_grad():
+        net(torch.rand(1, 3, 96, 96))
+        expected = torch.nn.functional.interpolate(seen["t1"], scale_factor=0.5, mode="bilinear", align_corners=True)
+    assert seen["edge"].shape == expected.shape == (1, 32, 12, 12)
+    assert torch.allclose(seen["edge"], expected, atol=1e-6)
+
+
+def test_default_evaluation_is_the_published_pipeline(tmp_path):
+    """Default maps: sigmoid, min-max to [0, 1], written as an 8-bit PNG and read back / 255 (Polyp-PVT Test.py)."""
+    from PIL import Image
+
+    logits = torch.randn(1, 12, 10) * 3 - 4  # mostly negative: raw sigmoid < 0.5 almost everywhere
+    report = evaluate.PolypReport(str(tmp_path), num_overlays=0)
+    assert report.minmax and report.quantise_uint8 and "paper-comparable" in report.evaluation
+    prob = report.probability(logits, (24, 20))
+    x = torch.nn.functional.interpolate(logits[None].double(), size=(24, 20), mode="bilinear", align_corners=False)
+    res = torch.sigmoid(x)[0, 0].numpy()
+    res = (res - res.min()) / (res.max() - res.min() + 1e-8)
+    Image.fromarray(np.rint(res * 255).astype(np.uint8)).save(tmp_path / "pred.png")
+    saved = np.asarray(Image.open(tmp_path / "pred.png"), dtype=np.float64) / 255
+    assert np.abs(prob - saved).max() < 1e-12 and len(np.unique(prob)) <= 256
+    gt = res > 0.6
+    dice_default = evaluate.threshold_dice_iou(prob, gt)[0]
+    assert dice_default.mean() == pytest.approx(_direct_mdice([saved], [gt])[0], abs=1e-12)
+    raw = evaluate.PolypReport(str(tmp_path), num_overlays=0, minmax=False, quantise_uint8=False)
+    assert "not the published pipeline" in raw.evaluation
+    raw_prob = raw.probability(logits, (24, 20))
+    assert evaluate.dice_iou_at(raw_prob, gt)[0] < evaluate.dice_iou_at(prob, gt)[0]
+
+
 # ------------------------------------------------------------------------------------------
 # metrics
 # ------------------------------------------------------------------------------------------
@@ -204,7 +350,7 @@ def test_each_kd_term_sends_gradient_to_student_only(term):
 def _direct_mdice(probs, gts):
     """The 256-threshold definition written out: loops over thresholds and images."""
     dices, ious = [], []
-    for t in np.linspace(1, 0, 256):
+    for t in [k / 255 for k in range(255, -1, -1)]:  # exactly k/255: uint8 maps sit on these values
         d_t, i_t = [], []
         for p, g in zip(probs, gts):
             b, g = p >= t, g > 0.5
@@ -230,7 +376,7 @@ def test_mdice_equals_direct_definition(tmp_path):
     expected = _direct_mdice(probs, gts)
     assert mdice == pytest.approx(expected[0], abs=1e-12) and miou == pytest.approx(expected[1], abs=1e-12)
     # the report handler aggregates the same way (logits in, sigmoid inside)
-    report = evaluate.PolypReport(str(tmp_path), num_overlays=0)
+    report = evaluate.PolypReport(str(tmp_path), num_overlays=0, minmax=False, quantise_uint8=False)  # raw sigmoid
     for p, g in zip(probs[:3], gts[:3]):
         logits = torch.logit(torch.tensor(p, dtype=torch.float64).clamp(1e-9, 1 - 1e-9))[None]
         prob = report.probability(logits, g.shape)
@@ -285,9 +431,9 @@ def chain(phantom, tmp_path_factory) -> dict:
     bundle_run(BUNDLE, ["train_teacher.json"], cwd=work, run_id="training", bundle_root=str(root),
                dataset_dir=str(phantom), epochs=1, **SMALL)
     teacher = root / "models" / "teacher" / "model.pt"
-    bundle_run(BUNDLE, ["train.json"], cwd=work, run_id="training", bundle_root=str(root), dataset_dir=str(phantom),
-               epochs=2, teacher_ckpt=str(teacher), **SMALL)
-    return {"work": work, "root": root, "teacher": teacher, "data": phantom}
+    proc = bundle_run(BUNDLE, ["train.json"], cwd=work, run_id="training", bundle_root=str(root), dataset_dir=str(phantom),
+                      epochs=2, teacher_ckpt=str(teacher), **SMALL)
+    return {"work": work, "root": root, "teacher": teacher, "data": phantom, "student_log": proc.stdout + proc.stderr}
 
 
 def test_teacher_and_student_checkpoints(chain):
@@ -300,6 +446,19 @@ def test_teacher_and_student_checkpoints(chain):
     assert sum(v.numel() for k, v in student.items() if "running" not in k and "num_batches" not in k) == 3_650_740
     curves = list(csv.DictReader(open(root / "eval" / "learning_curves.csv")))
     assert len(curves) == 2 and all(math.isfinite(float(r["train_loss"])) for r in curves)
+
+
+def test_loss_terms_logged_per_iteration_and_random_init_warned(chain):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = chain["student_log"]
+    for tag in ("train_loss", "train_loss_seg", "train_loss_at", "train_loss_sgm"):
+        assert f"{tag}: " in log, tag
+    assert "NOT comparable to the paper" in log  # phantom runs start from random backbone weights
+    events = EventAccumulator(str(chain["root"] / "eval" / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train_loss", "train_loss_seg", "train_loss_at", "train_loss_sgm"} <= scalars, scalars
+    assert len(events.Scalars("train_loss_sgm")) == len(events.Scalars("train_loss")) >= 2  # every iteration
 
 
 def test_distillation_changes_student_not_teacher(chain, tmp_path):

@@ -82,11 +82,14 @@ def scan_pairs(folder: str | Path, set_name: str = "train") -> tuple[list[dict],
     return good, bad
 
 
-def polyp_datalist(dataset_dir: str, output_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0) -> dict:
+def polyp_datalist(dataset_dir: str, output_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
+                   train_fraction: float = 1.0) -> dict:
     """Training / validation lists from ``TrainDataset`` and one test list per ``TestDataset/<set>``.
 
     ``val_fraction`` of the training pairs (at least one) is held out for model selection,
-    chosen by ``seed``. Writes ``datalist.json`` and ``bad_cases.json`` into ``output_dir``.
+    chosen by ``seed``; of the rest, ``train_fraction`` (at least one pair, chosen by ``seed``)
+    is trained on (1.0: all; smaller for low-data experiments such as the KD sanity check).
+    Writes ``datalist.json`` and ``bad_cases.json`` into ``output_dir``.
 
     Returns:
         ``{"training": [...], "validation": [...], "test": [...], "test_sets": [names]}``;
@@ -99,7 +102,11 @@ def polyp_datalist(dataset_dir: str, output_dir: str | None = None, val_fraction
     order = np.random.default_rng(seed).permutation(len(train))
     n_val = max(1, int(round(len(train) * val_fraction))) if len(train) > 1 and val_fraction > 0 else 0
     val_idx = set(order[:n_val].tolist())
-    training = [c for i, c in enumerate(train) if i not in val_idx]
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+    rest = [int(i) for i in order[n_val:]]  # in the seeded order: a subset is a prefix
+    kept = set(rest[:max(1, int(round(len(rest) * train_fraction)))] if rest else [])
+    training = [c for i, c in enumerate(train) if i in kept]
     validation = [c for i, c in enumerate(train) if i in val_idx]
     test, test_sets = [], []
     test_root = root / "TestDataset"

@@ -24,8 +24,8 @@ __all__ = ["THRESHOLDS", "threshold_dice_iou", "dice_iou_at", "PolypReport", "PA
 
 logger = logging.getLogger(__name__)
 
-#: 1 down to 0 in steps of 1/255
-THRESHOLDS = np.linspace(1.0, 0.0, 256)
+#: 1 down to 0 in steps of 1/255, computed as k/255 so that they match uint8-quantised maps exactly
+THRESHOLDS = np.arange(255, -1, -1) / 255.0
 
 #: KDAS student, paper Table 1 (mDice, mIoU); CVC-300 is not reported there
 PAPER_TABLE1 = {
@@ -65,16 +65,20 @@ class PolypReport:
 
     Reads the evaluator's items: ``pred`` = logits ``(1, h, w)`` at the network's size,
     ``label`` = the mask at its original size. The logits are resized bilinearly to the mask
-    and passed through a sigmoid (``minmax=True`` also rescales each map to [0, 1] as the
-    Polyp-PVT test script does). Writes ``per_image.csv``, ``metrics.csv``, ``metrics.md``
+    and passed through a sigmoid. By default the map is then processed as the published
+    pipeline does before its evaluation (Polyp-PVT ``Test.py``): min-max normalised to [0, 1]
+    per image (``minmax``) and saved as 8-bit, i.e. quantised to k/255 (``quantise_uint8``).
+    ``minmax=False, quantise_uint8=False`` evaluates the raw sigmoid; every table says which
+    it used. Writes ``per_image.csv``, ``metrics.csv``, ``metrics.md``
     (with the paper's Table 1 beside), ``metrics.json`` and ``overlays/<set>_<case>.png``
     (``num_overlays`` per set) into ``output_dir``.
     """
 
-    def __init__(self, output_dir: str, num_overlays: int = 2, minmax: bool = False, title: str = "") -> None:
+    def __init__(self, output_dir: str, num_overlays: int = 2, minmax: bool = True, quantise_uint8: bool = True,
+                 title: str = "") -> None:
         self.output_dir = Path(output_dir)
         self.num_overlays = num_overlays
-        self.minmax = minmax
+        self.minmax, self.quantise_uint8 = bool(minmax), bool(quantise_uint8)
         self.title = title
         self.rows: list[dict] = []
         self.curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
@@ -98,7 +102,17 @@ class PolypReport:
         p = torch.sigmoid(x)[0, 0]
         if self.minmax:
             p = (p - p.min()) / (p.max() - p.min() + 1e-8)
-        return p.numpy()
+        p = p.double().numpy()
+        if self.quantise_uint8:  # as written to an 8-bit PNG and read back / 255
+            p = np.round(np.clip(p, 0.0, 1.0) * 255.0) / 255.0
+        return p
+
+    @property
+    def evaluation(self) -> str:
+        """Which probability maps the metrics were computed on, in words (goes into every table)."""
+        steps = ["sigmoid"] + (["min-max normalised"] if self.minmax else []) + (["uint8-quantised"] if self.quantise_uint8 else [])
+        paper = " (as Polyp-PVT Test.py, paper-comparable)" if self.minmax and self.quantise_uint8 else " (not the published pipeline)"
+        return ", ".join(steps) + paper
 
     def update(self, engine) -> None:
         items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
@@ -157,10 +171,13 @@ class PolypReport:
                 "set": name, "images": len(rows), "mDice": float(dice.mean()), "mIoU": float(iou.mean()),
                 "Dice@0.5": float(np.mean([r["dice@0.5"] for r in rows])),
                 "IoU@0.5": float(np.mean([r["iou@0.5"] for r in rows])),
-                "paper_mDice": paper[0], "paper_mIoU": paper[1],
+                "paper_mDice": paper[0], "paper_mIoU": paper[1], "evaluation": self.evaluation,
             })
         all_mdice = [r["mdice"] for r in self.rows]
         return {
+            "evaluation": self.evaluation,
+            "minmax_normalise": self.minmax,
+            "quantise_uint8": self.quantise_uint8,
             "sets": sets,
             "n_images": len(self.rows),
             # mean over all test images of the threshold-averaged Dice, in % (repository-wide key)
@@ -175,7 +192,7 @@ class PolypReport:
             writer = csv.DictWriter(f, fieldnames=["set", "case", "mdice", "miou", "dice@0.5", "iou@0.5"])
             writer.writeheader()
             writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows)
-        fields = ["set", "images", "mDice", "mIoU", "Dice@0.5", "IoU@0.5", "paper_mDice", "paper_mIoU"]
+        fields = ["set", "images", "mDice", "mIoU", "Dice@0.5", "IoU@0.5", "paper_mDice", "paper_mIoU", "evaluation"]
         with open(out / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
@@ -188,6 +205,8 @@ class PolypReport:
                  "",
                  "mDice/mIoU: threshold-averaged (256 thresholds, METHODS §2); Dice/IoU@0.5: plain, at 0.5. "
                  "Paper: KDAS student, Table 1 (CVC-300 not reported).",
+                 "",
+                 f"Probability maps: {self.evaluation}.",
                  "",
                  "| test set | images | mDice | mIoU | Dice@0.5 | IoU@0.5 | paper mDice | paper mIoU |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -13,7 +13,17 @@ with ``L_KD`` by variant (``kd``):
 - ``"attention"``: L_AT = Σ_k T²·KL(softmax(A(P_t)/T) ‖ softmax(A(P_s)/T)),
   ``A(P) = softmax_row(X·Xᵀ/√W)·X`` with ``X = P[:, 0]``;
 - ``"attention_sgm"`` (KDAS, default): L_AT + L_SGM with L_SGM = T²·KL(softmax(C_t/T) ‖
-  softmax(C_s/T)), ``C = A·Aᵀ`` of the last scale's (P2's) attention output.
+  softmax(C_s/T)), C the covariance-like matrix of the last scale's (P2's) attention output
+  A (B × H × W, rows as variables observed over the W columns), by ``sgm_norm``:
+
+  - ``"width"`` (default): ``C = A·Aᵀ / W`` per image (the paper's "covariance matrices");
+  - ``"centred"``: ``C = (A − Ā)(A − Ā)ᵀ / W``, Ā the mean of each row over W;
+  - ``"none"``: the raw Gram matrix ``A·Aᵀ``. Its entries grow with W·|logit|² (thousands at
+    352²), so softmax(C_t/T) is one-hot and the term swamps the segmentation loss; kept only
+    to reproduce that behaviour.
+
+Every term is computed in fp32 with autocast disabled: under AMP ``bmm`` runs in fp16, and
+X·Xᵀ or A·Aᵀ overflow 65504 once |logit| ≳ 13 at 352-448 px.
 """
 
 from __future__ import annotations
@@ -25,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["structure_loss", "attention_map", "symmetric_structure", "kl_with_temperature", "KDASLoss", "KD_VARIANTS"]
+__all__ = ["structure_loss", "attention_map", "symmetric_structure", "kl_with_temperature", "KDASLoss", "KD_VARIANTS",
+           "SGM_NORMS"]
 
 KD_VARIANTS = ("none", "kl", "attention", "attention_sgm")
+SGM_NORMS = ("width", "centred", "none")
 
 
 def structure_loss(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -54,9 +66,19 @@ def attention_map(pred: torch.Tensor) -> torch.Tensor:
     return torch.bmm(torch.softmax(scores, dim=-1), x)
 
 
-def symmetric_structure(att: torch.Tensor) -> torch.Tensor:
-    """The SGM's covariance-like symmetric matrix ``C = A·Aᵀ`` (B × H × H)."""
-    return torch.bmm(att, att.transpose(1, 2))
+def symmetric_structure(att: torch.Tensor, norm: str = "width") -> torch.Tensor:
+    """The SGM's symmetric matrix of ``att`` (B × H × W) -> (B × H × H).
+
+    ``norm``: ``"width"`` ``A·Aᵀ/W``; ``"centred"`` ``(A−Ā)(A−Ā)ᵀ/W`` (Ā: row means over W);
+    ``"none"`` ``A·Aᵀ``.
+    """
+    if norm not in SGM_NORMS:
+        raise ValueError(f"sgm_norm must be one of {SGM_NORMS}, got {norm!r}")
+    att = att.float()
+    if norm == "centred":
+        att = att - att.mean(dim=-1, keepdim=True)
+    gram = torch.bmm(att, att.transpose(1, 2))
+    return gram if norm == "none" else gram / att.shape[-1]
 
 
 def kl_with_temperature(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -74,19 +96,24 @@ class KDASLoss(nn.Module):
         kd: ``"none" | "kl" | "attention" | "attention_sgm"`` (see the module docstring).
         temperature: T (2).
         kd_weight: λ (0.2).
+        sgm_norm: normalisation of the SGM matrix, ``"width" | "centred" | "none"`` (module docstring).
 
     Call ``loss(student_outputs, label, teacher_outputs=None)``; the outputs are sequences of
-    logit maps (P1, P2). ``last_terms`` keeps the detached parts of the last call for logging.
+    logit maps (P1, P2). ``last_terms`` keeps the detached parts of the last call for logging:
+    ``seg`` (Σ_k L_seg), the KD terms (``kl`` | ``at``, ``sgm``) and ``total``.
     """
 
-    def __init__(self, kd: str = "attention_sgm", temperature: float = 2.0, kd_weight: float = 0.2) -> None:
+    def __init__(self, kd: str = "attention_sgm", temperature: float = 2.0, kd_weight: float = 0.2,
+                 sgm_norm: str = "width") -> None:
         super().__init__()
         if kd not in KD_VARIANTS:
             raise ValueError(f"kd must be one of {KD_VARIANTS}, got {kd!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.kd, self.temperature, self.kd_weight = kd, float(temperature), float(kd_weight)
-        self.last_terms: dict[str, float] = {}
+        if sgm_norm not in SGM_NORMS:
+            raise ValueError(f"sgm_norm must be one of {SGM_NORMS}, got {sgm_norm!r}")
+        self.kd, self.temperature, self.kd_weight, self.sgm_norm = kd, float(temperature), float(kd_weight), sgm_norm
+        self.last_terms: dict[str, torch.Tensor] = {}  # detached scalars: no device sync per step
 
     @property
     def needs_teacher(self) -> bool:
@@ -101,21 +128,24 @@ class KDASLoss(nn.Module):
         att_t = [attention_map(tt.detach()) for tt in teacher]
         terms = {"at": sum(kl_with_temperature(a_s, a_t, t) for a_s, a_t in zip(att_s, att_t))}
         if self.kd == "attention_sgm":
-            terms["sgm"] = kl_with_temperature(symmetric_structure(att_s[-1]), symmetric_structure(att_t[-1]), t)
+            terms["sgm"] = kl_with_temperature(symmetric_structure(att_s[-1], self.sgm_norm),
+                                               symmetric_structure(att_t[-1], self.sgm_norm), t)
         return terms
 
     def forward(self, student: Sequence[torch.Tensor], label: torch.Tensor, teacher: Sequence[torch.Tensor] | None = None):
-        if isinstance(student, torch.Tensor):
-            student = (student,)
-        seg = sum(structure_loss(p, label) for p in student)
-        if self.kd == "none":
-            self.last_terms = {"seg": float(seg.detach())}
-            return seg
-        if teacher is None:
-            raise ValueError(f"kd={self.kd!r} needs the teacher's outputs")
-        if isinstance(teacher, torch.Tensor):
-            teacher = (teacher,)
-        terms = self.kd_terms(student, teacher)
-        kd = sum(terms.values())
-        self.last_terms = {"seg": float(seg.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
-        return (1 - self.kd_weight) * seg + self.kd_weight * kd
+        student = (student,) if isinstance(student, torch.Tensor) else tuple(student)
+        if teacher is not None:
+            teacher = (teacher,) if isinstance(teacher, torch.Tensor) else tuple(teacher)
+        # fp32 whatever the caller's autocast: the KD products overflow fp16
+        with torch.autocast(device_type=label.device.type, enabled=False):
+            student = tuple(s.float() for s in student)
+            seg = sum(structure_loss(p, label.float()) for p in student)
+            if self.kd == "none":
+                self.last_terms = {"seg": seg.detach(), "total": seg.detach()}
+                return seg
+            if teacher is None:
+                raise ValueError(f"kd={self.kd!r} needs the teacher's outputs")
+            terms = self.kd_terms(student, tuple(t.float() for t in teacher))
+            total = (1 - self.kd_weight) * seg + self.kd_weight * sum(terms.values())
+        self.last_terms = {"seg": seg.detach(), **{k: v.detach() for k, v in terms.items()}, "total": total.detach()}
+        return total

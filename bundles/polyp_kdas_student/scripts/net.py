@@ -139,14 +139,15 @@ class SAM(nn.Module):
         b, _, h, w = x.shape
         edge = torch.softmax(edge, dim=1)[:, 1:2]  # channel-softmax, channel 1
         state = self.conv_state(x).reshape(b, -1, h * w)  # (B, S, HW)
-        proj = self.conv_proj(x) * edge  # (B, S, H, W)
+        proj = self.conv_proj(x)  # (B, S, H, W)
+        masked = proj * edge  # only the anchors come from the edge-masked projection (as Polyp-PVT)
         # inner grid×grid cells of a (grid+2)×(grid+2) adaptive average pool, as two pooling matrices
         # (identical to F.adaptive_avg_pool2d, and exportable to ONNX for any input size)
-        ph = _adaptive_pool_matrix(h, self.grid + 2, proj)[1:-1]
-        pw = _adaptive_pool_matrix(w, self.grid + 2, proj)[1:-1]
-        anchors = torch.einsum("bshw,ih,jw->bsij", proj, ph, pw).reshape(b, -1, self.grid * self.grid)
-        proj = proj.reshape(b, -1, h * w)
-        affinity = torch.softmax(torch.bmm(anchors.transpose(1, 2), proj), dim=1)  # (B, N, HW), softmax over anchors
+        ph = _adaptive_pool_matrix(h, self.grid + 2, masked)[1:-1]
+        pw = _adaptive_pool_matrix(w, self.grid + 2, masked)[1:-1]
+        anchors = torch.einsum("bshw,ih,jw->bsij", masked, ph, pw).reshape(b, -1, self.grid * self.grid)
+        # pixel-to-anchor affinities from the UNMASKED projection, softmax over the anchors
+        affinity = torch.softmax(torch.bmm(anchors.transpose(1, 2), proj.reshape(b, -1, h * w)), dim=1)  # (B, N, HW)
         nodes = torch.bmm(state, affinity.transpose(1, 2))  # (B, S, N)
         nodes = self.gcn(nodes)
         back = torch.bmm(nodes, affinity).reshape(b, -1, h, w)  # (B, S, H, W)
@@ -199,7 +200,8 @@ class PolypPVT(nn.Module):
         f1, f2, f3, f4 = self.backbone(x)
         cim = self.t1(self.cim(f1))
         cfm = self.cfm(self.t4(f4), self.t3(f3), self.t2(f2))
-        edge = F.interpolate(cim, size=cfm.shape[-2:], mode="bilinear", align_corners=False)  # ×0.5
+        # ×0.5 with align_corners=True (Polyp-PVT's down05); with aligned corners only the output size matters
+        edge = F.interpolate(cim, size=cfm.shape[-2:], mode="bilinear", align_corners=True)
         sam = self.sam(cfm, edge)
         size = x.shape[-2:]
         p1 = F.interpolate(self.head1(cfm), size=size, mode="bilinear", align_corners=False)

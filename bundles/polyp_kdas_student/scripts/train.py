@@ -6,9 +6,16 @@ train_teacher.json). For every rate in ``rates`` (0.75, 1, 1.25) the batch is re
 the student's (P1, P2) and, for distillation, the frozen teacher's (P1, P2) are computed,
 the ``KDASLoss`` is back-propagated, gradient values are clamped to ±``clip_value`` and the
 optimiser steps: one step per rate, as in Polyp-PVT / KDAS.
+
+The output carries ``loss`` (the total, mean over the rates) and each term of the loss
+(``loss_seg`` = Σ_k L_seg, ``loss_at``, ``loss_sgm`` or ``loss_kl``, means over the rates);
+:func:`loss_terms` hands them to the Stats/TensorBoard handlers, so a user sees per iteration
+which term drives training.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +23,17 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-__all__ = ["MultiScaleKDStep", "scale_sizes"]
+__all__ = ["MultiScaleKDStep", "scale_sizes", "loss_terms"]
+
+logger = logging.getLogger(__name__)
+
+
+def loss_terms(output) -> dict:
+    """``output_transform`` for Stats/TensorBoard handlers: ``train_loss`` and ``train_loss_<term>`` of
+    the iteration's (decollated) output."""
+    first = output[0] if isinstance(output, (list, tuple)) else output
+    return {("train_loss" if k == Keys.LOSS else f"train_{k}"): first[k]
+            for k in sorted(first) if k == Keys.LOSS or k.startswith("loss_")}
 
 
 def scale_sizes(image_size: int, rates, size_multiple: int = 32) -> list[int]:
@@ -34,14 +51,19 @@ class MultiScaleKDStep:
         rates: multi-scale rates ({0.75, 1, 1.25}).
         size_multiple: sizes are rounded to multiples of this (32).
         clip_value: gradient values are clamped to ±clip_value (0.5); ``None`` disables.
+        backbone_pretrained: whether the trained network's backbone starts from ImageNet weights
+            (``pretrained`` or ``pretrained_path``); when not, the first iteration warns that the
+            run is not comparable to the paper.
 
     The engine's ``loss_function`` is a ``KDASLoss``; its ``network`` returns ``(P1, P2)``.
     The output's ``pred`` is ``P1 + P2`` of the rate-1 step (for the training metric).
     """
 
     def __init__(self, teacher: nn.Module | None = None, teacher_ckpt: str | None = None, image_size: int = 352,
-                 rates=(0.75, 1.0, 1.25), size_multiple: int = 32, clip_value: float | None = 0.5) -> None:
+                 rates=(0.75, 1.0, 1.25), size_multiple: int = 32, clip_value: float | None = 0.5,
+                 backbone_pretrained: bool = True) -> None:
         self.teacher = teacher
+        self._warn_random_init = not backbone_pretrained
         self.teacher_ckpt = teacher_ckpt
         self._teacher_loaded = teacher is None or teacher_ckpt is None
         self.sizes = scale_sizes(image_size, rates, size_multiple)
@@ -65,6 +87,12 @@ class MultiScaleKDStep:
 
     def __call__(self, engine, batchdata) -> dict:
         loss_fn = engine.loss_function
+        if self._warn_random_init:
+            logger.warning(
+                "the PVTv2 backbone starts from random weights (pretrained: false, no pretrained_path): "
+                "Polyp-PVT and KDAS start from ImageNet weights, so this run is NOT comparable to the paper's numbers"
+            )
+            self._warn_random_init = False
         if getattr(loss_fn, "needs_teacher", False) and self.teacher is None:
             raise ValueError(f"kd={loss_fn.kd!r} needs a teacher (teacher_def and teacher_ckpt)")
         if self.teacher is not None:
@@ -76,7 +104,7 @@ class MultiScaleKDStep:
             self.teacher.eval()
         use_amp = bool(engine.amp and engine.scaler is not None)
         output = {Keys.IMAGE: images, Keys.LABEL: labels}
-        losses = []
+        losses, terms = [], {}
         for size in self.sizes:
             if size != images.shape[-1] or size != images.shape[-2]:
                 x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
@@ -105,11 +133,15 @@ class MultiScaleKDStep:
                     torch.nn.utils.clip_grad_value_(params, self.clip_value)
                 engine.optimizer.step()
             losses.append(loss.detach())
+            for name, value in getattr(loss_fn, "last_terms", {}).items():
+                if name != "total":
+                    terms.setdefault(f"loss_{name}", []).append(value)
             if size == self.base or Keys.PRED not in output:
                 pred = student[0] + student[1] if isinstance(student, (tuple, list)) else student
                 output[Keys.PRED] = F.interpolate(pred.detach().float(), size=images.shape[-2:], mode="bilinear",
                                                   align_corners=False)
         output[Keys.LOSS] = torch.stack(losses).mean()
+        output.update({name: torch.stack(values).mean() for name, values in terms.items()})
         engine.state.output = output
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes here
         return engine.state.output
