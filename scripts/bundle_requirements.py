@@ -10,7 +10,8 @@ imports and reports every package that metadata lacks:
   its scripts, then followed through the package's own imports): the archive ships the whole
   package, but its ``__init__`` loads submodules lazily, so only those parts run;
 - ``$import`` lines and dotted ``_target_`` names in its configs;
-- MONAI components whose optional packages MONAI imports for them (``MONAI_OPTIONAL``).
+- MONAI components whose optional packages MONAI imports for them (``MONAI_OPTIONAL``), named
+  in its configs or its scripts (e.g. MONAI's Hausdorff distance runs on scipy.ndimage).
 
 Module names map to distributions through the installed packages' metadata, so run it in
 the project's environment. ``python scripts/bundle_requirements.py`` prints one table per
@@ -41,6 +42,7 @@ MONAI_OPTIONAL = {
     r"\b(NibabelReader|\.nii(\.gz)?)\b": "nibabel",
     r"\b(PILReader|\.(png|jpe?g))\b": "pillow",
     r"\bMLFlowHandler\b": "mlflow",
+    r"\b(compute_hausdorff_distance|HausdorffDistanceMetric|compute_average_surface_distance|SurfaceDistanceMetric)\b": "scipy",
 }
 
 
@@ -110,12 +112,16 @@ def required_distributions(bundle_dir: str | Path) -> dict[str, set[str]]:
     bundle_dir = Path(bundle_dir)
     used_by: dict[str, set[str]] = defaultdict(set)  # top-level module -> files
     shared_refs: set[str] = set()
+    extra: dict[str, set[str]] = defaultdict(set)  # distributions implied by MONAI components
     for path in sorted((bundle_dir / "scripts").rglob("*.py")):
+        text = path.read_text()
+        for pattern, dist in MONAI_OPTIONAL.items():
+            if re.search(pattern, text):
+                extra[dist].add(path.relative_to(bundle_dir).as_posix())
         for name in _imports(path):
             used_by[name.split(".")[0]].add(path.relative_to(bundle_dir).as_posix())
             if name.startswith("shared_transforms."):
                 shared_refs.add(name)
-    extra: dict[str, set[str]] = defaultdict(set)  # distributions implied by MONAI components
     for path in sorted((bundle_dir / "configs").glob("*.json")):
         if path.name == "metadata.json":
             continue

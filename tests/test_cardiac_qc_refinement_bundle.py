@@ -34,7 +34,7 @@ def _scripts():
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    return {m: importlib.import_module(f"{name}.{m}") for m in ("net", "qc", "data", "losses", "refine")}
+    return {m: importlib.import_module(f"{name}.{m}") for m in ("net", "qc", "data", "losses", "refine", "handlers")}
 
 
 # --------------------------------------------------------------------------------------- units
@@ -87,6 +87,111 @@ def test_pseudo_measures_with_empty_masks():
     a[0, 5:10, 8:13] = True  # shifted by 3 pixels
     assert qc.hausdorff(a, b) == pytest.approx(3.0)
     assert qc.hausdorff(a, b, spacing=(1.0, 1.0, 1.5)) == pytest.approx(4.5)
+
+
+def test_hausdorff_is_surface_to_surface_as_monai():
+    """A filled disk against an annulus: each surface lies inside the other mask, yet the hole's rim is ~5 px from
+    the disk's surface. A solid-to-surface distance would give 0 here."""
+    from monai.metrics import compute_hausdorff_distance
+
+    qc = _scripts()["qc"]
+    yy, xx = np.mgrid[:40, :40]
+    d2 = (yy - 20) ** 2 + (xx - 20) ** 2
+    disk = d2 < 10**2
+    ring = disk & (d2 >= 5**2)
+    assert 0.7 < qc.dice(disk, ring) < 0.9
+    expected = float(compute_hausdorff_distance(torch.from_numpy(disk)[None, None], torch.from_numpy(ring)[None, None],
+                                                include_background=True).reshape(-1)[0])
+    got = qc.hausdorff(disk, ring)
+    assert got == pytest.approx(expected) and 4.0 <= got <= 6.0
+    assert qc.hausdorff(disk, ring, spacing=(2.0, 2.0)) == pytest.approx(2 * got)
+    assert qc.hausdorff(ring, disk, percentile=95) <= got
+
+
+def test_empty_prediction_fails_qc_and_is_never_selected():
+    s = _scripts()
+    qc = s["qc"]
+    empty = np.zeros((2, 16, 16), bool)
+    assert qc.dice(empty, empty) == 1.0 and qc.hausdorff(empty, empty) == 0.0  # evaluation convention unchanged
+    assert qc.qc_measures(empty, empty) == (0.0, math.inf)  # QC: a missing structure fails
+
+    class Identity(torch.nn.Module):  # R that reconstructs every map perfectly
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return x
+
+    inferer = qc.QCInferer(Identity(), None, None, target_spacing=(1.0, 1.0), image_size=16)
+    no_rv = torch.zeros(2, 16, 16, dtype=torch.long)
+    no_rv[:, 4:10, 4:10] = 1  # LV only
+    with_rv = no_rv.clone()
+    with_rv[:, 10:14, 4:10] = qc.RV
+    one_hot = lambda lab: torch.nn.functional.one_hot(lab, 4).permute(0, 3, 1, 2).float()  # noqa: E731
+    m_empty, m_rv = inferer.measures(one_hot(no_rv)), inferer.measures(one_hot(with_rv))
+    assert (m_empty["pDC"]["RV"], m_empty["pHD"]["RV"]) == (0.0, math.inf)
+    assert m_rv["pDC"]["RV"] == 1.0 and m_rv["pHD"]["RV"] == 0.0
+    pdcs, phds = [m_empty["pDC"]["RV"], 0.93], [m_empty["pHD"]["RV"], 4.0]
+    assert qc.select_candidate(pdcs, phds, 10.0) == {"rule": "ranked", "model": 1}
+
+
+def test_gradient_clip_sees_unscaled_gradients_under_amp():
+    """MONAI's SupervisedTrainer with a CPU GradScaler (scale 2^16): the optimiser sees the same clipped gradient
+    norm as without AMP (a clip before unscaling would hand it 12 / 65536)."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+    from monai.engines.utils import IterationEvents
+
+    handlers = _scripts()["handlers"]
+
+    def step_norms(amp: bool) -> list[float]:
+        torch.manual_seed(0)
+        net = torch.nn.Linear(8, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        data = [{"image": torch.randn(4, 8) * 100, "label": torch.randn(4, 1)} for _ in range(2)]
+        trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+                                    optimizer=opt, loss_function=torch.nn.MSELoss(), amp=amp)
+        if amp:  # Trainer.run() creates a CUDA scaler (disabled on CPU): swap in a CPU one once the run started
+            trainer.add_event_handler(Events.STARTED, lambda e: setattr(e, "scaler", torch.amp.GradScaler("cpu", init_scale=2.0**16)))
+        scales = []
+        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, lambda e: scales.append(e.scaler.get_scale() if amp else 1.0))
+        handlers.GradientClip(net, max_norm=12.0).attach(trainer)
+        norms = []
+        opt.register_step_pre_hook(lambda o, a, k: norms.append(float(torch.cat([p.grad.reshape(-1) for p in net.parameters()]).norm())))
+        trainer.run()
+        assert scales[0] == (2.0**16 if amp else 1.0)
+        return norms
+
+    plain, amp = step_norms(False), step_norms(True)
+    assert len(plain) == len(amp) == 2
+    assert plain[0] == pytest.approx(12.0, rel=1e-4)  # the clip is active
+    for p, a in zip(plain, amp):
+        assert a == pytest.approx(p, rel=0.01)
+
+
+def test_mean_hd_counts_failures_at_the_volume_diagonal(tmp_path):
+    from monai.data import MetaTensor
+
+    handlers = _scripts()["handlers"]
+    lab = np.zeros((1, 20, 20, 2), np.float32)
+    lab[0, 2:8, 2:8] = 3  # RV
+    lab[0, 10:18, 10:18] = 2  # MYO around LV
+    lab[0, 12:16, 12:16] = 1
+    affine = np.diag([1.5, 1.5, 10.0, 1.0])
+    no_rv = lab.copy()
+    no_rv[no_rv == 3] = 0
+    items = [{"pred": MetaTensor(torch.from_numpy(p)), "label": MetaTensor(torch.from_numpy(lab), affine=affine,
+                                                                          meta={"filename_or_obj": f"{n}_gt.nii.gz"})}
+             for p, n in [(lab, "a"), (no_rv, "b")]]
+    metrics = handlers.CardiacMetrics(str(tmp_path))
+    metrics.update(type("Engine", (), {"state": type("State", (), {"output": items})()})())
+    result = metrics.write()
+    diagonal = math.sqrt((20 * 1.5) ** 2 * 2 + (2 * 10.0) ** 2)
+    assert result["n_infinite_hd_mm_RV"] == 1 and result["mean_finite_hd_mm_RV"] == 0.0
+    assert result["mean_hd_mm_RV"] == pytest.approx(diagonal / 2)
+    assert result["mean_hd_mm_LV"] == 0.0 and result["n_infinite_hd_mm_LV"] == 0
+    assert "1 of 2" in (tmp_path / "metrics.md").read_text()
 
 
 def test_preprocessing_inverts_to_the_input_grid_and_alpha_schedules():

@@ -75,6 +75,11 @@ class CardiacMetrics:
 
     Reads the evaluator's items (``pred``: label map (1, H, W, Z) after argmax, ``label``) and
     writes ``metrics.csv``, ``metrics.json`` (per class mean/std, RV first) and ``metrics.md``.
+
+    A case whose HD is infinite (the class is missing from the prediction or from the label)
+    is a failure, not a gap: ``mean_hd_mm_<class>`` counts it at the penalty of the volume's
+    diagonal in mm (the largest distance possible inside it), ``n_infinite_hd_mm_<class>``
+    counts the failures and ``mean_finite_hd_mm_<class>`` is the mean over the other cases.
     """
 
     ORDER = [3, 1, 2]  # RV first
@@ -82,11 +87,12 @@ class CardiacMetrics:
     def __init__(self, output_dir: str, prefix: str = "", qc_inferer=None) -> None:
         self.output_dir, self.prefix, self.qc_inferer = Path(output_dir), prefix, qc_inferer
         self.rows: list[dict] = []
+        self._penalty: dict[str, float] = {}  # case -> volume diagonal (mm), the HD of a failed case
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: (self.rows.clear(), self._penalty.clear()))
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
@@ -99,6 +105,7 @@ class CardiacMetrics:
             lab = np.asarray(label.detach().cpu())[0]
             name = str(label.meta.get("filename_or_obj", "case"))
             row = {"case": Path(name).name.split(".nii")[0].removesuffix("_gt")}
+            self._penalty[row["case"]] = float(np.linalg.norm(np.asarray(lab.shape) * np.asarray(spacing[: lab.ndim])))
             for c in self.ORDER:
                 row[f"dice_{CLASS_NAMES[c]}"] = dice(pred == c, lab == c)
                 row[f"hd_mm_{CLASS_NAMES[c]}"] = hausdorff(pred == c, lab == c, spacing[: lab.ndim])
@@ -114,10 +121,14 @@ class CardiacMetrics:
                 key = f"{metric}_{CLASS_NAMES[c]}"
                 vals = np.array([r[key] for r in self.rows], float)
                 finite = vals[np.isfinite(vals)]
-                out[f"mean_{key}"] = float(finite.mean()) if len(finite) else math.nan
-                out[f"std_{key}"] = float(finite.std()) if len(finite) else math.nan
                 if metric == "hd_mm":
                     out[f"n_infinite_{key}"] = int((~np.isfinite(vals)).sum())
+                    out[f"mean_finite_{key}"] = float(finite.mean()) if len(finite) else math.nan
+                    vals = np.array([v if math.isfinite(v) else self._penalty.get(r["case"], math.nan)
+                                     for v, r in zip(vals, self.rows)], float)
+                    finite = vals[np.isfinite(vals)]
+                out[f"mean_{key}"] = float(finite.mean()) if len(finite) else math.nan
+                out[f"std_{key}"] = float(finite.std()) if len(finite) else math.nan
         out["mean_dice"] = out["mean_dice_RV"]  # the challenge scores RV only
         out["cases"] = self.rows
         return out
@@ -131,11 +142,12 @@ class CardiacMetrics:
                 writer.writeheader()
                 writer.writerows(self.rows)
         write_json(self.output_dir / f"{self.prefix}metrics.json", _json_safe(result))
-        lines = ["| class | Dice | HD (mm) |", "|---|---:|---:|"]
+        lines = ["| class | Dice | HD (mm) | HD failures (counted at the volume diagonal) |", "|---|---:|---:|---:|"]
         for c in self.ORDER:
             n = CLASS_NAMES[c]
             lines.append(f"| {n} | {result[f'mean_dice_{n}']:.4f} ± {result[f'std_dice_{n}']:.4f} | "
-                         f"{result[f'mean_hd_mm_{n}']:.2f} ± {result[f'std_hd_mm_{n}']:.2f} |")
+                         f"{result[f'mean_hd_mm_{n}']:.2f} ± {result[f'std_hd_mm_{n}']:.2f} | "
+                         f"{result[f'n_infinite_hd_mm_{n}']} of {result['n_cases']} |")
         (self.output_dir / f"{self.prefix}metrics.md").write_text("\n".join(lines) + "\n")
         logger.info("%d cases: RV Dice %.4f, RV HD %.2f mm -> %s", len(self.rows), result["mean_dice_RV"],
                     result["mean_hd_mm_RV"], self.output_dir)
@@ -143,7 +155,12 @@ class CardiacMetrics:
 
 
 class GradientClip:
-    """Clip the gradient norm (METHODS: 12) after each backward pass of a MONAI ``SupervisedTrainer``."""
+    """Clip the gradient norm (METHODS: 12) after each backward pass of a MONAI ``SupervisedTrainer``.
+
+    Under AMP the trainer's ``BACKWARD_COMPLETED`` sees gradients multiplied by the GradScaler's
+    scale (2^16 at the start): they are unscaled first (``scaler.unscale_``; the trainer's
+    ``scaler.step`` then does not unscale again), so the clip acts on the true gradient norm.
+    """
 
     def __init__(self, network: torch.nn.Module, max_norm: float = 12.0) -> None:
         self.network, self.max_norm = network, float(max_norm)
@@ -151,7 +168,12 @@ class GradientClip:
     def attach(self, engine) -> None:
         from monai.engines.utils import IterationEvents
 
+        if getattr(engine, "accumulation_steps", 1) > 1:  # it would clip (and unscale) partial sums
+            raise ValueError("GradientClip does not support gradient accumulation (accumulation_steps > 1)")
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
     def __call__(self, engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None and scaler.is_enabled():
+            scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.max_norm)

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from scipy import ndimage
+from monai.metrics import compute_hausdorff_distance
 
 from .data import _stem, invert_volume, preprocess_volume, spacing_from_meta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dice", "hausdorff", "iqr_thresholds", "is_ood", "select_candidate", "load_candidates", "QCInferer",
+__all__ = ["dice", "hausdorff", "qc_measures", "iqr_thresholds", "is_ood", "select_candidate", "load_candidates", "QCInferer",
            "calibrate", "RV"]
 
 RV = 3  # the class that drives the OoD decision and the selection
@@ -39,25 +39,35 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
 
 
-def _surface(m: np.ndarray) -> np.ndarray:
-    return m & ~ndimage.binary_erosion(m, border_value=0)
+def hausdorff(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None,
+              percentile: float | None = None) -> float:
+    """Symmetric Hausdorff distance between the SURFACES of two binary masks (MONAI's
+    ``compute_hausdorff_distance``), in units of ``spacing`` (default pixels); ``percentile``
+    (e.g. 95) gives the robust variant.
 
-
-def hausdorff(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None) -> float:
-    """Symmetric Hausdorff distance between two binary masks (in units of ``spacing``, default pixels).
-
-    Both empty: 0.0. Exactly one empty: ``math.inf`` (the guard METHODS asks for; callers treat
-    an infinite distance as failing any threshold).
+    Both empty: 0.0. Exactly one empty: ``math.inf`` (callers treat an infinite distance as
+    failing any threshold).
     """
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     if not a.any() and not b.any():
         return 0.0
     if not a.any() or not b.any():
         return math.inf
-    sampling = None if spacing is None else [float(s) for s in spacing]
-    da = ndimage.distance_transform_edt(~b, sampling=sampling)[_surface(a)]
-    db = ndimage.distance_transform_edt(~a, sampling=sampling)[_surface(b)]
-    return float(max(da.max(), db.max()))
+    sampling = None if spacing is None else [float(s) for s in spacing][: a.ndim]
+    value = compute_hausdorff_distance(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None],
+                                       include_background=True, percentile=percentile, spacing=sampling)
+    return float(value.reshape(-1)[0])
+
+
+def qc_measures(pred: np.ndarray, recon: np.ndarray, spacing: Sequence[float] | None = None) -> tuple[float, float]:
+    """QC's (pDC, pHD) of one class between a prediction and R's reconstruction of it.
+
+    An empty prediction scores pDC 0 and pHD ∞: "no RV" reconstructed as "no RV" would otherwise
+    agree perfectly (1.0, 0) and rank first, though a missing structure is exactly what QC must catch.
+    """
+    if not np.asarray(pred, bool).any():
+        return 0.0, math.inf
+    return dice(pred, recon), hausdorff(pred, recon, spacing)
 
 
 def iqr_thresholds(pdc: Sequence[float], phd: Sequence[float]) -> dict[str, float]:
@@ -204,9 +214,8 @@ class QCInferer:
         out: dict[str, dict[str, float]] = {"pDC": {}, "pHD": {}, "pHD_mm": {}}
         for c, name in CLASS_NAMES.items():
             a, b = pred_lab == c, rec_lab == c
-            out["pDC"][name] = dice(a, b)
-            out["pHD"][name] = hausdorff(a, b, px)
-            out["pHD_mm"][name] = hausdorff(a, b, mm)
+            out["pDC"][name], out["pHD"][name] = qc_measures(a, b, px)
+            out["pHD_mm"][name] = qc_measures(a, b, mm)[1]
         return out
 
     def _prepare(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict, float, str]:
