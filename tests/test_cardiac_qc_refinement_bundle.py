@@ -170,6 +170,41 @@ def test_gradient_clip_sees_unscaled_gradients_under_amp():
         assert a == pytest.approx(p, rel=0.01)
 
 
+def test_m_best_list_survives_kill_and_resume(tmp_path):
+    """Epochs 1-3 (val loss .5, .3, .4), the process dies, a new one resumes from the ResumeCheckpoint file and runs
+    epochs 4-5 (.6, .35): the kept list is the best 2 of all five epochs and model.pt stays epoch 2's weights."""
+    from shared_transforms.handlers import ResumeCheckpoint
+
+    handlers = _scripts()["handlers"]
+    resume_file, models = tmp_path / "resume" / "checkpoint.pt", tmp_path / "models"
+
+    def process():
+        net = torch.nn.Linear(2, 1)
+        best = handlers.BestCheckpoints(str(models / "candidates"), net, k=2, best_file=str(models / "model.pt"))
+        return net, best, ResumeCheckpoint(str(resume_file), {"best_checkpoints": best}, resume=True, fingerprint="run")
+
+    def epoch(net, best, resume, e, score):
+        with torch.no_grad():
+            net.weight.fill_(e)  # the weights name the epoch
+        engine = type("Engine", (), {"state": type("State", (), {"epoch": e, "metrics": {"val_loss": score}})()})()
+        best(engine)
+        resume.save(engine)
+
+    net, best, resume = process()
+    for e, score in [(1, 0.5), (2, 0.3), (3, 0.4)]:
+        epoch(net, best, resume, e, score)
+    del net, best, resume  # killed
+    net, best, resume = process()
+    resume.load(type("Engine", (), {"state": type("State", (), {"max_epochs": 5, "epoch": 3, "iteration": 3})()})())
+    assert [e["epoch"] for e in best.kept] == [2, 3]
+    for e, score in [(4, 0.6), (5, 0.35)]:
+        epoch(net, best, resume, e, score)
+    index = json.loads((models / "candidates" / "candidates.json").read_text())
+    assert [(c["epoch"], c["val_loss"]) for c in index["candidates"]] == [(2, 0.3), (5, 0.35)]
+    assert sorted(p.name for p in (models / "candidates").glob("*.pt")) == ["model_epoch2.pt", "model_epoch5.pt"]
+    assert float(torch.load(models / "model.pt", weights_only=True)["weight"][0, 0]) == 2.0
+
+
 def test_mean_hd_counts_failures_at_the_volume_diagonal(tmp_path):
     from monai.data import MetaTensor
 

@@ -28,7 +28,12 @@ class BestCheckpoints:
     """Keep the ``k`` best checkpoints of ``network`` by the evaluator's ``metric_name`` (lower is
     better for a loss), as files ``save_dir/model_epoch<E>.pt`` with an index
     ``save_dir/candidates.json`` (file, epoch, score, best first); the best is also copied to
-    ``best_file`` (e.g. ``models/model.pt``). Attach to the validation evaluator."""
+    ``best_file`` (e.g. ``models/model.pt``). Attach to the validation evaluator.
+
+    The list survives a resume: put the handler in the ``save_dict`` of the run's
+    ``ResumeCheckpoint`` (``state_dict``/``load_state_dict``), so after a restart a candidate
+    only enters the list, and ``best_file`` is only overwritten, when it beats what is kept.
+    """
 
     def __init__(self, save_dir: str, network: torch.nn.Module, k: int = 3, metric_name: str = "val_loss",
                  mode: str = "min", best_file: str | None = None, prefix: str = "model_epoch",
@@ -45,6 +50,16 @@ class BestCheckpoints:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": [dict(e) for e in self.kept]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the kept list; entries whose file has disappeared since are dropped."""
+        kept = [dict(e) for e in state.get("kept", [])]
+        self.kept = [e for e in kept if (self.save_dir / e["file"]).is_file()]
+        if len(self.kept) < len(kept):
+            logger.warning("%d kept checkpoint(s) missing from %s: dropped", len(kept) - len(self.kept), self.save_dir)
 
     def __call__(self, engine) -> None:
         score = float(engine.state.metrics[self.metric_name])
