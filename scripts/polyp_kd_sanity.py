@@ -59,7 +59,8 @@ def main(data_root: str, out_dir: str, seeds: list[int] = (0, 1, 2), train_fract
         epochs, teacher_epochs: training epochs of each student and of the teacher.
         variants: ``kd`` values to compare.
         image_size, size_multiple, batch_size: training overrides (small values for phantoms).
-        pretrained_path: local ImageNet backbone checkpoint for the students (default: random init).
+        pretrained_path: a local ImageNet checkpoint for the backbones of the teacher and the students
+            (timm's PVTv2 state_dict; default: random init, recorded as not comparable to the paper).
     """
     data, out = str(Path(data_root).resolve()), Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -67,18 +68,17 @@ def main(data_root: str, out_dir: str, seeds: list[int] = (0, 1, 2), train_fract
     start = time.perf_counter()
     teacher_root = out / "teacher"
     teacher_ckpt = teacher_root / "models" / "teacher" / "model.pt"
+    init = {"pretrained_path": str(Path(pretrained_path).resolve())} if pretrained_path else {}
     if not teacher_ckpt.is_file():
         run_logged(bundle_cmd(BUNDLE, ["train_teacher.json"], "training", bundle_root=str(teacher_root),
-                              epochs=teacher_epochs, seed=0, resume=False, **common), teacher_root / "run.log")
+                              epochs=teacher_epochs, seed=0, resume=False, **init, **common), teacher_root / "run.log")
     rows = []
     for seed in seeds:
         for kd in variants:
             root = out / f"seed{seed}_kd_{kd}"
             metrics_file = root / "eval" / "test" / "metrics.json"
             overrides = dict(bundle_root=str(root), kd=kd, seed=seed, train_fraction=train_fraction,
-                             teacher_ckpt=str(teacher_ckpt), **common)
-            if pretrained_path:
-                overrides["pretrained_path"] = pretrained_path
+                             teacher_ckpt=str(teacher_ckpt), **init, **common)
             if not metrics_file.is_file():
                 run_logged(bundle_cmd(BUNDLE, ["train.json"], "training", epochs=epochs, resume=False, **overrides),
                            root / "run.log")

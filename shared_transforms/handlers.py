@@ -92,8 +92,13 @@ class ResumeCheckpoint:
         if saved_fingerprint != self.fingerprint:
             logger.warning("not resuming from %s: it belongs to another run (%s)", self.path, saved_fingerprint)
             return
+        missing = [k for k in self.save_dict if k not in state]
+        if "model" in missing:
+            raise ValueError(f"{self.path}: no 'model' in the resume checkpoint (keys: {sorted(state)})")
+        if missing:  # written by an older version that did not save them: resume the rest, say what starts afresh
+            logger.warning("%s has no %s (an older checkpoint): they start afresh", self.path, missing)
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load={k: _unwrap(v) for k, v in self.save_dict.items()}, checkpoint=state)
+        Checkpoint.load_objects(to_load={k: _unwrap(v) for k, v in self.save_dict.items() if k in state}, checkpoint=state)
         engine.state.max_epochs = max_epochs  # a resumed run may be asked for more epochs than the first
         logger.info(
             "resumed from %s at epoch %d (iteration %d)", self.path, engine.state.epoch, engine.state.iteration

@@ -103,9 +103,24 @@ def test_hausdorff_is_surface_to_surface_as_monai():
     expected = float(compute_hausdorff_distance(torch.from_numpy(disk)[None, None], torch.from_numpy(ring)[None, None],
                                                 include_background=True).reshape(-1)[0])
     got = qc.hausdorff(disk, ring)
-    assert got == pytest.approx(expected) and 4.0 <= got <= 6.0
+
+    def surface(m):  # brute force: mask pixels with a 4-neighbour outside the mask
+        padded = np.pad(m, 1)
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        return np.argwhere(m & ~inner).astype(float)
+
+    sa, sb = surface(disk), surface(ring)
+    d = np.sqrt(((sa[:, None, :] - sb[None, :, :]) ** 2).sum(-1))
+    by_hand = max(d.min(1).max(), d.min(0).max())
+    assert got == pytest.approx(by_hand) and got == pytest.approx(expected) and 4.0 <= got <= 6.0
     assert qc.hausdorff(disk, ring, spacing=(2.0, 2.0)) == pytest.approx(2 * got)
     assert qc.hausdorff(ring, disk, percentile=95) <= got
+    # one slice (LA view, H×W×1) and a slice stack of depth 1: still surface to surface
+    assert qc.hausdorff(disk[..., None], ring[..., None], spacing=(1.0, 1.0, 8.0)) == pytest.approx(got)
+    assert qc.hausdorff(disk[None], ring[None], spacing=(5.0, 1.0, 1.0)) == pytest.approx(got)
+    holed = disk.copy()
+    holed[20, 20] = False
+    assert qc.hausdorff(disk[..., None], holed[..., None]) > 5  # the hole is ~10 px from the disk's surface
 
 
 def test_empty_prediction_fails_qc_and_is_never_selected():

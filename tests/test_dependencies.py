@@ -56,31 +56,24 @@ def _declared(pyproject_text: str) -> set[str]:
     return {canonical(re.match(r"[A-Za-z0-9_.-]+", s).group(0)) for s in specs}
 
 
+def _undeclared_bundle_needs(pyproject_text: str) -> dict[str, dict[str, set[str]]]:
+    declared = _declared(pyproject_text)
+    out = {}
+    for bundle in BUNDLE_NAMES:
+        missing = {d: f for d, f in required_distributions(BUNDLES / bundle).items() if d not in declared}
+        if missing:
+            out[bundle] = missing
+    return out
+
+
 def test_pyproject_declares_every_package_a_bundle_needs():
     """Packages MONAI imports for a bundle (scipy for the Hausdorff distance, tensorboard, ...) are invisible to
     deptry; the bundles' derived requirements are checked against pyproject instead."""
-    declared = _declared((REPO / "pyproject.toml").read_text())
-    assert {"scipy", "torch", "monai", "pytest"} <= declared, declared
-    for bundle in BUNDLE_NAMES:
-        missing = {d: f for d, f in required_distributions(BUNDLES / bundle).items() if d not in declared}
-        assert not missing, f"pyproject.toml does not declare what {bundle} needs: {missing}"
-    without_scipy = _declared(re.sub(r'\n\s*"scipy[^"]*",', "", (REPO / "pyproject.toml").read_text()))
-    assert "scipy" in required_distributions(BUNDLES / "cardiac_qc_refinement") and "scipy" not in without_scipy
-
-
-def test_deptry_fails_on_an_undeclared_import(tmp_path):
-    """A copy of the repository's code with one new import of an installed but undeclared package fails."""
-    copy = tmp_path / "repo"
-    ignore = shutil.ignore_patterns(".venv", "__pycache__", "models", "eval", "*.pt", "quickstart_outputs", ".git")
-    for part in ("shared_transforms", "bundles", "scripts", "tests"):
-        shutil.copytree(REPO / part, copy / part, ignore=ignore)
-    shutil.copy(REPO / "pyproject.toml", copy)
-    assert deptry(copy)[0] == 0
-    probe = copy / "bundles" / "cardiac_qc_refinement" / "scripts" / "probe.py"
-    probe.write_text("def version():\n    import packaging.version  # installed (a dependency of dependencies), never declared\n")
-    code, out = deptry(copy)
-    assert code != 0
-    assert "probe.py" in out and "'packaging'" in out, out
+    text = (REPO / "pyproject.toml").read_text()
+    assert not _undeclared_bundle_needs(text)
+    # the regression of the fresh-machine issue: without scipy declared, cardiac's needs are not met
+    without_scipy = _undeclared_bundle_needs(re.sub(r'\n\s*"scipy[^"]*",', "", text))
+    assert without_scipy.get("cardiac_qc_refinement", {}).get("scipy") == {"scripts/qc.py"}, without_scipy
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)

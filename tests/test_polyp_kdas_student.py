@@ -323,7 +323,8 @@ def test_default_evaluation_is_the_published_pipeline(tmp_path):
     """Default maps: sigmoid, min-max to [0, 1], written as an 8-bit PNG and read back / 255 (Polyp-PVT Test.py)."""
     from PIL import Image
 
-    logits = torch.randn(1, 12, 10) * 3 - 4  # mostly negative: raw sigmoid < 0.5 almost everywhere
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12, 10) - 6  # all negative: raw sigmoid < 0.5 everywhere
     report = evaluate.PolypReport(str(tmp_path), num_overlays=0)
     assert report.minmax and report.quantise_uint8 and "paper-comparable" in report.evaluation
     prob = report.probability(logits, (24, 20))
@@ -339,7 +340,7 @@ def test_default_evaluation_is_the_published_pipeline(tmp_path):
     raw = evaluate.PolypReport(str(tmp_path), num_overlays=0, minmax=False, quantise_uint8=False)
     assert "not the published pipeline" in raw.evaluation
     raw_prob = raw.probability(logits, (24, 20))
-    assert evaluate.dice_iou_at(raw_prob, gt)[0] < evaluate.dice_iou_at(prob, gt)[0]
+    assert raw_prob.max() < 0.5 and evaluate.dice_iou_at(raw_prob, gt)[0] == 0.0 < evaluate.dice_iou_at(prob, gt)[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -421,6 +422,20 @@ def test_layout_reader_reports_and_skips_broken_pairs(phantom, tmp_path):
 # ------------------------------------------------------------------------------------------
 # the documented CLI chain on phantoms
 # ------------------------------------------------------------------------------------------
+
+
+def test_train_fraction_keeps_a_seeded_subset(phantom, tmp_path):
+    data = _bundle_module("data")
+    full = data.polyp_datalist(str(phantom), val_fraction=0.1, seed=3)
+    quarter = data.polyp_datalist(str(phantom), val_fraction=0.1, seed=3, train_fraction=0.25)
+    assert quarter["validation"] == full["validation"] and quarter["test"] == full["test"]
+    assert len(quarter["training"]) == max(1, round(0.25 * len(full["training"])))
+    assert {c["image"] for c in quarter["training"]} < {c["image"] for c in full["training"]}
+    assert quarter == data.polyp_datalist(str(phantom), val_fraction=0.1, seed=3, train_fraction=0.25)  # seeded
+    other = data.polyp_datalist(str(phantom), val_fraction=0.1, seed=4, train_fraction=0.25)
+    assert other["training"] != quarter["training"]
+    with pytest.raises(ValueError, match="train_fraction"):
+        data.polyp_datalist(str(phantom), train_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -509,6 +524,10 @@ def test_evaluation_per_test_set(chain):
     assert rows[0]["paper_mDice"] == "0.9130" and rows[3]["paper_mIoU"] == "0.6770"
     md = (root / "eval" / "test" / "metrics.md").read_text()
     assert "paper mDice" in md and "threshold-averaged" in md
+    assert "min-max normalised, uint8-quantised (as Polyp-PVT Test.py, paper-comparable)" in md
+    metrics = json.loads((root / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["minmax_normalise"] is True and metrics["quantise_uint8"] is True
+    assert all(r["evaluation"].endswith("paper-comparable)") for r in rows)
     assert len(list((root / "eval" / "test" / "overlays").glob("*.png"))) == 10
 
 

@@ -160,6 +160,30 @@ def test_resume_checkpoint_restores_state_and_respects_fingerprint(tmp_path):
     third.run([0, 0], max_epochs=1)
     assert third.state.iteration == 2
 
+    # a checkpoint of an older version without an object added since: the rest resumes, the new object starts afresh
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    model4 = torch.nn.Linear(2, 1)
+    fourth = _trainer(model4, torch.optim.SGD(model4.parameters(), lr=0.1))
+    counter = Counter()
+    ResumeCheckpoint(str(path), {"model": model4, "counter": counter}, fingerprint="run-b").attach(fourth)
+    fourth.run([0, 0], max_epochs=2)
+    assert fourth.state.iteration == 4 and counter.n == 0
+    # without the network itself the checkpoint is refused with its path in the message
+    torch.save({"trainer": {"epoch": 1}, "fingerprint": "run-c"}, path)
+    fifth = _trainer(torch.nn.Linear(2, 1), None)
+    ResumeCheckpoint(str(path), {"model": torch.nn.Linear(2, 1)}, fingerprint="run-c").attach(fifth)
+    with pytest.raises(ValueError, match="no 'model'"):
+        fifth.run([0, 0], max_epochs=1)
+
 
 class _CountingSlicer(Transform):
     """A deterministic MONAI transform: (C, X, Y, Z) volume -> one dict per slice; counts its calls.

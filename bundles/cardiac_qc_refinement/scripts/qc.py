@@ -53,7 +53,15 @@ def hausdorff(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = No
         return 0.0
     if not a.any() or not b.any():
         return math.inf
+    if a.shape != b.shape:
+        raise ValueError(f"masks of different shapes {a.shape} and {b.shape}")
     sampling = None if spacing is None else [float(s) for s in spacing][: a.ndim]
+    # singleton axes (one slice, e.g. an LA view H×W×1) go: MONAI's 3-D erosion would erase the whole
+    # mask there and turn the surface distance into a mask-to-mask one
+    keep = [i for i, n in enumerate(a.shape) if n > 1]
+    a, b = a.reshape([a.shape[i] for i in keep]), b.reshape([b.shape[i] for i in keep])
+    if sampling is not None:
+        sampling = [sampling[i] for i in keep]
     value = compute_hausdorff_distance(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None],
                                        include_background=True, percentile=percentile, spacing=sampling)
     return float(value.reshape(-1)[0])

@@ -69,7 +69,8 @@ class PolypReport:
     pipeline does before its evaluation (Polyp-PVT ``Test.py``): min-max normalised to [0, 1]
     per image (``minmax``) and saved as 8-bit, i.e. quantised to k/255 (``quantise_uint8``).
     ``minmax=False, quantise_uint8=False`` evaluates the raw sigmoid; every table says which
-    it used. Writes ``per_image.csv``, ``metrics.csv``, ``metrics.md``
+    it used. The plain Dice / IoU at 0.5 are always computed on the raw sigmoid (the mask
+    ``inference.json`` writes). Writes ``per_image.csv``, ``metrics.csv``, ``metrics.md``
     (with the paper's Table 1 beside), ``metrics.json`` and ``overlays/<set>_<case>.png``
     (``num_overlays`` per set) into ``output_dir``.
     """
@@ -96,10 +97,16 @@ class PolypReport:
         self.curves.clear()
         self._overlays.clear()
 
-    def probability(self, logits: torch.Tensor, size) -> np.ndarray:
+    @staticmethod
+    def raw_probability(logits: torch.Tensor, size) -> torch.Tensor:
+        """Sigmoid of the logits resized bilinearly to ``size`` (what inference thresholds at 0.5)."""
         x = torch.as_tensor(logits).detach().float().cpu()[None]
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-        p = torch.sigmoid(x)[0, 0]
+        return torch.sigmoid(x)[0, 0]
+
+    def probability(self, logits: torch.Tensor, size) -> np.ndarray:
+        """The map the threshold-averaged metrics are computed on (see the class docstring)."""
+        p = self.raw_probability(logits, size)
         if self.minmax:
             p = (p - p.min()) / (p.max() - p.min() + 1e-8)
         p = p.double().numpy()
@@ -120,10 +127,11 @@ class PolypReport:
         for item, data in zip(items, batch):
             gt = np.asarray(torch.as_tensor(item["label"]).detach().cpu())[0] > 0.5
             prob = self.probability(item["pred"], gt.shape)
+            raw = self.raw_probability(item["pred"], gt.shape).double().numpy()
             set_name = str(item.get("set", data.get("set", "test")))
             case = str(item.get("case", data.get("case", len(self.rows))))
             dice, iou = threshold_dice_iou(prob, gt)
-            d05, i05 = dice_iou_at(prob, gt, 0.5)
+            d05, i05 = dice_iou_at(raw, gt, 0.5)  # plain Dice: the raw sigmoid at 0.5, as inference.json
             self.curves[set_name].append((dice, iou))
             self.rows.append({"set": set_name, "case": case, "mdice": float(dice.mean()), "miou": float(iou.mean()),
                               "dice@0.5": d05, "iou@0.5": i05})
@@ -131,7 +139,7 @@ class PolypReport:
                 self._overlays[set_name] += 1
                 image = data.get("image")
                 path = getattr(image, "meta", {}).get("filename_or_obj") if image is not None else None
-                self._overlay(path, gt, prob >= 0.5, f"{set_name}_{case}", d05)
+                self._overlay(path, gt, raw >= 0.5, f"{set_name}_{case}", d05)
 
     def _overlay(self, image_path, gt: np.ndarray, pred: np.ndarray, name: str, dice: float) -> None:
         import matplotlib
