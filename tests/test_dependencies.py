@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from bundle_archive import bundle_names
 from bundle_requirements import canonical, missing_from_metadata, required_distributions
 from helpers import BUNDLES, REPO, run
 
-BUNDLE_NAMES = sorted(p.name for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file())
+BUNDLE_NAMES = bundle_names()
 
 
 def deptry(root: Path, *args: str) -> tuple[int, str]:
@@ -74,6 +75,21 @@ def test_pyproject_declares_every_package_a_bundle_needs():
     # the regression of the fresh-machine issue: without scipy declared, cardiac's needs are not met
     without_scipy = _undeclared_bundle_needs(re.sub(r'\n\s*"scipy[^"]*",', "", text))
     assert without_scipy.get("cardiac_qc_refinement", {}).get("scipy") == {"scripts/qc.py"}, without_scipy
+
+
+def test_deptry_fails_on_an_undeclared_import(tmp_path):
+    """A copy of the repository's code with one new import of an installed but undeclared package fails."""
+    copy = tmp_path / "repo"
+    ignore = shutil.ignore_patterns(".venv", "__pycache__", "models", "eval", "*.pt", "quickstart_outputs", ".git")
+    for part in ("shared_transforms", "bundles", "scripts", "tests"):
+        shutil.copytree(REPO / part, copy / part, ignore=ignore)
+    shutil.copy(REPO / "pyproject.toml", copy)
+    assert deptry(copy)[0] == 0
+    probe = copy / "bundles" / "cardiac_qc_refinement" / "scripts" / "probe.py"
+    probe.write_text("def version():\n    import packaging.version  # installed (a dependency of dependencies), never declared\n")
+    code, out = deptry(copy)
+    assert code != 0
+    assert "probe.py" in out and "'packaging'" in out, out
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
