@@ -29,6 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import fire
+from bundle_archive import bundle_names
 from bundle_cli import BUNDLES, REPO
 
 SHARED_PACKAGE = REPO / "shared_transforms"
@@ -103,6 +104,13 @@ def _config_references(text: str) -> set[str]:
     return refs
 
 
+def _add_monai_optional(text: str, where: str, extra: dict[str, set[str]]) -> None:
+    """Record in ``extra`` the distributions MONAI imports for the components named in ``text``."""
+    for pattern, dist in MONAI_OPTIONAL.items():
+        if re.search(pattern, text):
+            extra[dist].add(where)
+
+
 def required_distributions(bundle_dir: str | Path) -> dict[str, set[str]]:
     """Distribution (canonical name) -> the files of the bundle (or shipped shared_transforms) that need it.
 
@@ -114,12 +122,10 @@ def required_distributions(bundle_dir: str | Path) -> dict[str, set[str]]:
     shared_refs: set[str] = set()
     extra: dict[str, set[str]] = defaultdict(set)  # distributions implied by MONAI components
     for path in sorted((bundle_dir / "scripts").rglob("*.py")):
-        text = path.read_text()
-        for pattern, dist in MONAI_OPTIONAL.items():
-            if re.search(pattern, text):
-                extra[dist].add(path.relative_to(bundle_dir).as_posix())
+        rel = path.relative_to(bundle_dir).as_posix()
+        _add_monai_optional(path.read_text(), rel, extra)
         for name in _imports(path):
-            used_by[name.split(".")[0]].add(path.relative_to(bundle_dir).as_posix())
+            used_by[name.split(".")[0]].add(rel)
             if name.startswith("shared_transforms."):
                 shared_refs.add(name)
     for path in sorted((bundle_dir / "configs").glob("*.json")):
@@ -131,9 +137,7 @@ def required_distributions(bundle_dir: str | Path) -> dict[str, set[str]]:
             used_by[name.split(".")[0]].add(rel)
             if name.startswith("shared_transforms."):
                 shared_refs.add(name)
-        for pattern, dist in MONAI_OPTIONAL.items():
-            if re.search(pattern, text):
-                extra[dist].add(rel)
+        _add_monai_optional(text, rel, extra)
     for module in _shared_modules(shared_refs):
         for name in _imports(SHARED_PACKAGE / f"{module}.py"):
             used_by[name.split(".")[0]].add(f"shared_transforms/{module}.py")
@@ -159,12 +163,17 @@ def listed_packages(metadata: dict) -> dict[str, str]:
     return listed
 
 
+def _unlisted(required: dict[str, set[str]], listed: dict[str, str]) -> dict[str, set[str]]:
+    return {dist: files for dist, files in required.items() if not re.match(r"^\d+(\.\d+)*", str(listed.get(dist, "")))}
+
+
+def _listed_in(bundle_dir: str | Path) -> dict[str, str]:
+    return listed_packages(json.loads((Path(bundle_dir) / "configs" / "metadata.json").read_text()))
+
+
 def missing_from_metadata(bundle_dir: str | Path) -> dict[str, set[str]]:
     """The required distributions that the bundle's metadata.json does not list with a version."""
-    metadata = json.loads((Path(bundle_dir) / "configs" / "metadata.json").read_text())
-    listed = listed_packages(metadata)
-    return {dist: files for dist, files in required_distributions(bundle_dir).items()
-            if not re.match(r"^\d+(\.\d+)*", str(listed.get(dist, "")))}
+    return _unlisted(required_distributions(bundle_dir), _listed_in(bundle_dir))
 
 
 def _installed_version(dist: str) -> str:
@@ -183,14 +192,13 @@ def main(names: list[str] | None = None, bundles_dir: str = str(BUNDLES)) -> Non
     Exits 1 when a bundle's metadata.json lacks a package.
     """
     root = Path(bundles_dir)
-    names = list(names) if names else sorted(p.name for p in root.iterdir() if (p / "configs" / "metadata.json").is_file())
+    names = list(names) if names else bundle_names(root)
     failed = []
     for name in names:
-        bundle_dir = root / name
-        listed = listed_packages(json.loads((bundle_dir / "configs" / "metadata.json").read_text()))
-        missing = missing_from_metadata(bundle_dir)
+        required, listed = required_distributions(root / name), _listed_in(root / name)
+        missing = _unlisted(required, listed)
         print(f"\n{name}\n| package | installed | metadata.json | needed by |\n|---|---|---|---|")
-        for dist, files in sorted(required_distributions(bundle_dir).items()):
+        for dist, files in sorted(required.items()):
             print(f"| {dist} | {_installed_version(dist)} | {listed.get(dist, 'MISSING')} | {', '.join(sorted(files))} |")
         if missing:
             failed.append(name)

@@ -106,7 +106,10 @@ class PolypReport:
 
     def probability(self, logits: torch.Tensor, size) -> np.ndarray:
         """The map the threshold-averaged metrics are computed on (see the class docstring)."""
-        p = self.raw_probability(logits, size)
+        return self.published_map(self.raw_probability(logits, size))
+
+    def published_map(self, p: torch.Tensor) -> np.ndarray:
+        """A raw sigmoid map as the threshold-averaged metrics see it (min-max, uint8, by the options)."""
         if self.minmax:
             p = (p - p.min()) / (p.max() - p.min() + 1e-8)
         p = p.double().numpy()
@@ -126,8 +129,8 @@ class PolypReport:
         batch = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(items)
         for item, data in zip(items, batch):
             gt = np.asarray(torch.as_tensor(item["label"]).detach().cpu())[0] > 0.5
-            prob = self.probability(item["pred"], gt.shape)
-            raw = self.raw_probability(item["pred"], gt.shape).double().numpy()
+            raw_map = self.raw_probability(item["pred"], gt.shape)  # resized once, used twice
+            prob, raw = self.published_map(raw_map), raw_map.double().numpy()
             set_name = str(item.get("set", data.get("set", "test")))
             case = str(item.get("case", data.get("case", len(self.rows))))
             dice, iou = threshold_dice_iou(prob, gt)
