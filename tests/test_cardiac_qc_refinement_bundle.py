@@ -77,6 +77,38 @@ def test_thresholds_ood_and_selection_on_hand_made_lists():
     assert qc.select_candidate([0.9, 0.1], [math.inf, 3.0], th_up=math.inf) == {"rule": "ranked", "model": 1}
 
 
+def test_threshold_pooling_phase_split_and_ood_rules_on_hand_made_lists():
+    qc = _scripts()["qc"]
+    rows = [{"pDC": [0.90, 0.70], "pHD": [3.0, 9.0], "phase": "ED"},
+            {"pDC": [0.80, 0.95], "pHD": [6.0, 2.0], "phase": "ES"},
+            {"pDC": [0.85, 0.88], "pHD": [4.0, math.inf], "phase": "ED"},
+            {"pDC": [0.60, 0.91], "pHD": [12.0, 5.0], "phase": "ES"}]
+    assert qc.pooled_measures(rows, "all_pairs") == ([0.9, 0.7, 0.8, 0.95, 0.85, 0.88, 0.6, 0.91],
+                                                     [3.0, 9.0, 6.0, 2.0, 4.0, math.inf, 12.0, 5.0])
+    # the authors' code: per volume the best pDC (max) and the best pHD (min)
+    assert qc.pooled_measures(rows, "best_of") == ([0.9, 0.95, 0.88, 0.91], [3.0, 2.0, 4.0, 5.0])
+    th = qc.set_thresholds(rows, "best_of")
+    d1, d3 = np.percentile([0.9, 0.95, 0.88, 0.91], [25, 75])
+    h1, h3 = np.percentile([3.0, 2.0, 4.0, 5.0], [25, 75])
+    assert (th["th_low"], th["th_up"]) == pytest.approx((d1 - 1.5 * (d3 - d1), h3 + 1.5 * (h3 - h1)))
+    assert "by_phase" not in th and qc.thresholds_of(th, "ED") == (th["th_low"], th["th_up"])
+    split = qc.set_thresholds(rows, "all_pairs", split_by_phase=True)
+    ed = qc.iqr_thresholds([0.9, 0.7, 0.85, 0.88], [3.0, 9.0, 4.0, math.inf])
+    assert qc.thresholds_of(split, "ED") == pytest.approx((ed["th_low"], ed["th_up"]))
+    assert qc.thresholds_of(split, None) == (split["th_low"], split["th_up"])  # no phase: the pooled thresholds
+    with pytest.raises(ValueError, match="threshold_pooling"):
+        qc.pooled_measures(rows, "mean")
+    # candidate A fails on pHD, candidate B on pDC: OoD for the paper's rule, not for the code's
+    pdcs, phds = [0.95, 0.50], [12.0, 3.0]
+    assert qc.is_ood(pdcs, phds, 0.8, 10.0, rule="every_candidate")
+    assert not qc.is_ood(pdcs, phds, 0.8, 10.0, rule="best_candidate")
+    assert qc.is_ood([0.7, 0.75], [3.0, 4.0], 0.8, 10.0, rule="best_candidate")  # max pDC < th_low
+    assert qc.is_ood([0.9, 0.95], [11.0, 12.0], 0.8, 10.0, rule="best_candidate")  # min pHD > th_up
+    assert qc.is_ood([0.9], [math.inf], 0.8, math.inf, rule="best_candidate")  # empty prediction fails
+    with pytest.raises(ValueError, match="ood_rule"):
+        qc.is_ood(pdcs, phds, 0.8, 10.0, rule="any")
+
+
 def test_pseudo_measures_with_empty_masks():
     qc = _scripts()["qc"]
     a = np.zeros((1, 20, 20), bool)
@@ -327,7 +359,9 @@ def test_qc_module_trained_on_ground_truth_and_calibrated(chain):
     ae = _scripts()["net"].QCAutoencoder(4)
     ae.load_state_dict(_state(models / "qc" / "model.pt"))
     cal = json.loads((models / "qc" / "calibration.json").read_text())
-    assert cal["n_volumes"] == len(cal["pDC"]) >= 4 and all(len(v) == 3 for v in cal["pDC"])  # every candidate
+    vols = cal["volumes"]
+    assert cal["n_volumes"] == len(vols) >= 4 and all(len(v["pDC"]) == len(v["pHD"]) == 3 for v in vols)  # every candidate
+    assert {v["phase"] for v in vols} <= {"ED", "ES"}
     assert float(cal["th_up"]) > 0
     datalist = json.loads((chain["root"] / "eval" / "datalist_SA.json").read_text())
     label = nib.load(datalist["training"][0]["label"]).get_fdata()
@@ -420,7 +454,9 @@ def test_refinement_updates_only_when_flagged(chain, tmp_path):
 
 def test_monai_label_style_inference_single_volume(chain, tmp_path):
     """MONAI Label reads only inference.json and calls inferer(inputs, network) per volume: the QC
-    step runs inside the inferer with the thresholds saved from the validation set."""
+    step runs inside the inferer with the thresholds saved from the validation set, and the verdict
+    reaches the /infer result JSON (MONAI Label's Writer returns data["result"]). The inference
+    network (no deep-supervision heads) loads the trained checkpoint strictly and scripts."""
     image = chain["data"] / "009" / "009_SA_ED.nii.gz"
     check = textwrap.dedent(
         f"""
@@ -432,18 +468,27 @@ def test_monai_label_style_inference_single_volume(chain, tmp_path):
         p.update({{'bundle_root': {str(chain['root'])!r}, 'output_dir': {str(tmp_path / 'ml')!r}, 'image_size': 64,
                   'filters': [8, 16, 32, 64], 'deep_supr_num': 2, 'device': torch.device('cpu')}})
         net = p.get_parsed_content('network_def')
-        net.load_state_dict(torch.load({str(chain['root'] / 'models' / 'model.pt')!r}, weights_only=True))
+        state = torch.load({str(chain['root'] / 'models' / 'model.pt')!r}, weights_only=True)
+        assert any('super_head' in k for k in state)  # trained with deep supervision
+        net.load_state_dict(state)  # strict
         net.eval()
+        x = torch.rand(1, 1, 64, 64)
+        with torch.no_grad():
+            assert torch.allclose(torch.jit.script(net)(x), net(x), atol=1e-5)
         data = p.get_parsed_content('preprocessing')({{'image': {str(image)!r}, 'image_path': {str(image)!r}}})
         data['pred'] = p.get_parsed_content('inferer')(data['image'][None], net)[0]
         from monai.transforms import SaveImaged
         post = [t for t in p.get_parsed_content('postprocessing').transforms if not isinstance(t, SaveImaged)]
-        assert len(post) == 1  # MONAI Label drops the writer (a SaveImaged subclass) and adds its own
+        assert len(post) == 2  # MONAI Label drops the writer (a SaveImaged subclass) and adds its own
         for t in post:
             data = t(data)
         assert data['pred'].dtype == torch.uint8 and data['pred'].shape[1:] == data['image'].shape[1:]
         report = json.load(open({str(tmp_path / 'ml' / '009_SA_ED_qc.json')!r}))
         assert report['threshold_source'].startswith('validation set'), report['threshold_source']
+        qc = json.loads(json.dumps(data['result'], allow_nan=False))['qc']  # what /infer returns
+        for k in ('ood', 'pDC', 'pHD', 'th_low', 'th_up', 'selected_model', 'threshold_source'):
+            assert qc[k] == report[k], k
+        assert qc['report_file'].endswith('009_SA_ED_qc.json')
         print('ML_OK', report['ood'])
         """
     )

@@ -46,6 +46,12 @@ def _stem(path: str | Path) -> str:
     return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") else Path(name).stem
 
 
+def phase_of(path: str | Path) -> str | None:
+    """``"ED"``/``"ES"`` from an M&Ms-2 file name (``NNN_SA_ED.nii.gz``), else None."""
+    m = re.search(r"_(ED|ES)(?:_gt)?$", _stem(path))
+    return m.group(1) if m else None
+
+
 def _read_information(root: Path) -> dict[str, dict]:
     for folder in (root, root.parent):
         path = folder / "dataset_information.csv"

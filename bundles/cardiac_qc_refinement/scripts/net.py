@@ -19,6 +19,10 @@ class CardiacSegmenter(DynUNet):
     In training mode (with ``deep_supervision``) the output is stacked ``(B, 1 + deep_supr_num, C, H, W)``;
     in eval mode it is ONE tensor ``(B, C, H, W)`` (what inference, export and MONAI Label use).
     The input size must be divisible by ``2 ** (len(filters) - 1)``.
+
+    Built with ``deep_supervision=False`` (inference.json) the network has no supervision heads,
+    so it can be scripted, and it loads a checkpoint trained with them: the heads' weights,
+    which only the training loss uses, are dropped on loading.
     """
 
     def __init__(
@@ -46,6 +50,17 @@ class CardiacSegmenter(DynUNet):
             deep_supervision=deep_supervision,
             deep_supr_num=min(deep_supr_num, levels - 2),
         )
+
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not self.deep_supervision:
+            state_dict = {k: v for k, v in state_dict.items() if not _is_supervision_head(k)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _is_supervision_head(key: str) -> bool:
+    """State-dict keys of DynUNet's deep-supervision heads (also reached through the skip layers)."""
+    return key.startswith("deep_supervision_heads.") or ".super_head." in key or key.startswith("super_head.")
 
 
 def _block(conv: nn.Module, last: bool) -> list[nn.Module]:

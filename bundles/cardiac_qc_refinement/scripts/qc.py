@@ -21,12 +21,12 @@ import torch
 from monai.data import MetaTensor
 from monai.metrics import compute_hausdorff_distance
 
-from .data import _stem, invert_volume, preprocess_volume, spacing_from_meta
+from .data import _stem, invert_volume, phase_of, preprocess_volume, spacing_from_meta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dice", "hausdorff", "qc_measures", "iqr_thresholds", "is_ood", "select_candidate", "load_candidates", "QCInferer",
-           "calibrate", "RV"]
+__all__ = ["dice", "hausdorff", "qc_measures", "iqr_thresholds", "pooled_measures", "set_thresholds", "thresholds_of",
+           "is_ood", "select_candidate", "load_candidates", "QCInferer", "QCResultd", "calibrate", "RV"]
 
 RV = 3  # the class that drives the OoD decision and the selection
 CLASS_NAMES = {1: "LV", 2: "MYO", 3: "RV"}
@@ -99,13 +99,68 @@ def iqr_thresholds(pdc: Sequence[float], phd: Sequence[float]) -> dict[str, floa
     return {"th_low": th_low, "th_up": th_up}
 
 
+POOLINGS = ("all_pairs", "best_of")
+OOD_RULES = ("every_candidate", "best_candidate")
+
+
+def _check(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def pooled_measures(rows: Sequence[Mapping[str, Any]], pooling: str = "all_pairs") -> tuple[list[float], list[float]]:
+    """The pDC and pHD values the IQR thresholds are computed over.
+
+    ``rows``: one per volume, ``{"pDC": [per candidate], "pHD": [per candidate]}``.
+    ``all_pairs``: every (volume, candidate) pair. ``best_of``: per volume the best pDC (max) and
+    the best pHD (min) over the candidates, as in the authors' code.
+    """
+    _check("threshold_pooling", pooling, POOLINGS)
+    if pooling == "all_pairs":
+        return [v for r in rows for v in r["pDC"]], [v for r in rows for v in r["pHD"]]
+    rows = [r for r in rows if len(r["pDC"])]
+    return [max(r["pDC"]) for r in rows], [min(r["pHD"]) for r in rows]
+
+
+def set_thresholds(rows: Sequence[Mapping[str, Any]], pooling: str = "all_pairs",
+                   split_by_phase: bool = False) -> dict[str, Any]:
+    """IQR thresholds over a screened set (:func:`pooled_measures`, :func:`iqr_thresholds`).
+
+    With ``split_by_phase`` the rows' ``"phase"`` (ED/ES) also get their own thresholds under
+    ``"by_phase"``; :func:`thresholds_of` picks them, the pooled ones stay the fallback.
+    """
+    th: dict[str, Any] = {**iqr_thresholds(*pooled_measures(rows, pooling)), "pooling": pooling}
+    if split_by_phase:
+        phases = sorted({r.get("phase") for r in rows} - {None})
+        th["by_phase"] = {p: iqr_thresholds(*pooled_measures([r for r in rows if r.get("phase") == p], pooling))
+                          for p in phases}
+    return th
+
+
+def thresholds_of(th: Mapping[str, Any], phase: str | None = None) -> tuple[float, float]:
+    """(th_low, th_up) for a volume of ``phase``: its phase's thresholds when there are any, else the pooled ones."""
+    per_phase = (th.get("by_phase") or {}).get(phase) if phase else None
+    src = per_phase or th
+    return float(src["th_low"]), float(src["th_up"])
+
+
 def _fails(pdc: float, phd: float, th_low: float, th_up: float) -> bool:
     return pdc < th_low or phd > th_up or math.isinf(phd)
 
 
-def is_ood(pdcs: Sequence[float], phds: Sequence[float], th_low: float, th_up: float) -> bool:
-    """OoD when EVERY candidate has pDC < th_low or pHD > th_up (an infinite pHD always fails)."""
-    return all(_fails(d, h, th_low, th_up) for d, h in zip(pdcs, phds))
+def is_ood(pdcs: Sequence[float], phds: Sequence[float], th_low: float, th_up: float,
+           rule: str = "every_candidate") -> bool:
+    """Is a volume out of distribution, given its candidates' pDC and pHD?
+
+    ``every_candidate`` (paper): every candidate has pDC < th_low or pHD > th_up.
+    ``best_candidate`` (authors' code): max pDC < th_low or min pHD > th_up.
+    An infinite pHD (empty prediction) always fails.
+    """
+    _check("ood_rule", rule, OOD_RULES)
+    if rule == "every_candidate":
+        return all(_fails(d, h, th_low, th_up) for d, h in zip(pdcs, phds))
+    return max(pdcs) < th_low or min(phds) > th_up or math.isinf(min(phds))
 
 
 def select_candidate(pdcs: Sequence[float], phds: Sequence[float], th_up: float) -> dict[str, Any]:
@@ -152,16 +207,21 @@ class QCInferer:
     (RV decides), the OoD flag and the selection rule are applied, and the chosen soft map is
     returned on the input's grid ``(1, 4, H, W, Z)``. A ``<stem>_qc.json`` report goes to ``report_dir``.
 
-    Thresholds: :meth:`screen` sets them over a whole set (IQR of its pDC/pHD); otherwise (one
-    volume, as in MONAI Label) the validation-set thresholds saved in ``calibration_file`` are used.
+    Thresholds: :meth:`screen` sets them over a whole set (IQR of its pDC/pHD, pooled as
+    ``threshold_pooling`` says, optionally per phase); otherwise (one volume, as in MONAI Label) the
+    validation-set thresholds saved in ``calibration_file`` are used. ``ood_rule`` decides the flag.
     """
 
     def __init__(self, qc_network: torch.nn.Module | None, qc_ckpt: str | None, candidates_dir: str | None,
                  target_spacing: Sequence[float], image_size: int = 256, report_dir: str | None = None,
                  calibration_file: str | None = None, use_qc: bool = True, slice_batch_size: int = 16,
-                 min_set_size: int = 4, threshold_source: str = "set", num_classes: int = 4) -> None:
-        if threshold_source not in ("set", "calibration"):
-            raise ValueError(f"threshold_source must be 'set' or 'calibration', got {threshold_source!r}")
+                 min_set_size: int = 4, threshold_source: str = "set", num_classes: int = 4,
+                 threshold_pooling: str = "all_pairs", ood_rule: str = "every_candidate",
+                 split_by_phase: bool = False) -> None:
+        _check("threshold_source", threshold_source, ("set", "calibration"))
+        self.threshold_pooling = _check("threshold_pooling", threshold_pooling, POOLINGS)
+        self.ood_rule = _check("ood_rule", ood_rule, OOD_RULES)
+        self.split_by_phase = bool(split_by_phase)
         self.qc_network, self.qc_ckpt = qc_network, qc_ckpt
         self.candidates_dir = candidates_dir
         self.target_spacing = [float(s) for s in target_spacing]
@@ -171,6 +231,7 @@ class QCInferer:
         self.use_qc, self.min_set_size, self.threshold_source = use_qc, int(min_set_size), threshold_source
         self.num_classes = num_classes
         self.thresholds: dict[str, Any] | None = None
+        self.last_report: dict[str, Any] | None = None  # the QC summary of the latest volume (for the /infer result)
         self._qc_loaded = False
         self._candidates: tuple[list, list] | None = None
         self.timings: dict[str, float] = {"segmentation_s": 0.0, "qc_s": 0.0}
@@ -250,7 +311,11 @@ class QCInferer:
     def saved_thresholds(self) -> dict[str, Any] | None:
         if self.calibration_file and Path(self.calibration_file).is_file():
             cal = json.loads(Path(self.calibration_file).read_text())
-            return {"th_low": float(cal["th_low"]), "th_up": float(cal["th_up"]), "source": "validation set (saved with the model)"}
+            source = "validation set (saved with the model)"
+            if cal.get("volumes"):  # the saved measures: pooled (and split) the way this inferer is configured
+                rows = [{**r, "pDC": [float(v) for v in r["pDC"]], "pHD": [float(v) for v in r["pHD"]]} for r in cal["volumes"]]
+                return {**set_thresholds(rows, self.threshold_pooling, self.split_by_phase), "source": source}
+            return {"th_low": float(cal["th_low"]), "th_up": float(cal["th_up"]), "source": source}
         return None
 
     def screen(self, data: Sequence[Mapping[str, Any]], network: torch.nn.Module | None = None, loader=None) -> dict[str, Any]:
@@ -269,7 +334,8 @@ class QCInferer:
         rows = []
         for d in data:
             res = self.evaluate_candidates(load(d["image"])[None], network)
-            rows.append({"image": d["image"], "pDC": [m["pDC"]["RV"] for m in res["measures"]],
+            rows.append({"image": d["image"], "phase": phase_of(d["image"]),
+                         "pDC": [m["pDC"]["RV"] for m in res["measures"]],
                          "pHD": [m["pHD"]["RV"] for m in res["measures"]]})
         self.thresholds = self.thresholds_for(rows)
         return {**self.thresholds, "volumes": rows}
@@ -279,9 +345,12 @@ class QCInferer:
         if self.threshold_source == "calibration" or len(rows) < self.min_set_size:
             if saved is not None:
                 return saved
-        pdc = [v for r in rows for v in r["pDC"]]
-        phd = [v for r in rows for v in r["pHD"]]
-        return {**iqr_thresholds(pdc, phd), "source": f"IQR over the {len(rows)} screened volumes"}
+        th = set_thresholds(rows, self.threshold_pooling, self.split_by_phase)
+        return {**th, "source": f"IQR over the {len(rows)} screened volumes"}
+
+    def flag(self, pdcs: Sequence[float], phds: Sequence[float], th: Mapping[str, Any], phase: str | None = None) -> bool:
+        """The OoD verdict for one volume's candidates under thresholds ``th`` and ``ood_rule``."""
+        return bool(is_ood(pdcs, phds, *thresholds_of(th, phase), rule=self.ood_rule))
 
     def current_thresholds(self) -> dict[str, Any]:
         return self.thresholds or self.saved_thresholds() or {"th_low": -math.inf, "th_up": math.inf, "source": "none"}
@@ -290,10 +359,11 @@ class QCInferer:
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
         res = self.evaluate_candidates(inputs, network)
         th = self.current_thresholds()
+        th_low, th_up = thresholds_of(th, phase_of(res["name"]))
         pdcs = [m["pDC"]["RV"] for m in res["measures"]]
         phds = [m["pHD"]["RV"] for m in res["measures"]]
         if pdcs and self.use_qc:
-            choice = select_candidate(pdcs, phds, th["th_up"])
+            choice = select_candidate(pdcs, phds, th_up)
             if choice["rule"] == "ranked":
                 soft = res["softs"][choice["model"]]
                 selected = res["names"][choice["model"]]
@@ -309,21 +379,28 @@ class QCInferer:
             out.copy_meta_from(inputs, copy_attr=True)
         if res["measures"]:
             self.write_report(res, pdcs, phds, th, choice, selected)
+        else:
+            self.last_report = None
         return out
 
     def write_report(self, res, pdcs, phds, th, choice, selected) -> dict:
+        phase = phase_of(res["name"])
+        th_low, th_up = thresholds_of(th, phase)
         report = {
             "image": res["name"],
+            "phase": phase,
             "candidates": res["names"],
             "pDC": pdcs,
             "pHD": phds,
             "pHD_mm": [m["pHD_mm"]["RV"] for m in res["measures"]],
             "per_class": [{"model": n, **m} for n, m in zip(res["names"], res["measures"])],
             "decision_class": "RV",
-            "th_low": th["th_low"],
-            "th_up": th["th_up"],
+            "th_low": th_low,
+            "th_up": th_up,
             "threshold_source": th.get("source", ""),
-            "ood": bool(is_ood(pdcs, phds, th["th_low"], th["th_up"])),
+            "threshold_pooling": th.get("pooling", self.threshold_pooling),
+            "ood_rule": self.ood_rule,
+            "ood": self.flag(pdcs, phds, th, phase),
             "selection_rule": choice["rule"],
             "selected_model": selected,
         }
@@ -333,6 +410,41 @@ class QCInferer:
 
             write_json(Path(self.report_dir) / f"{_stem(res['name'])}_qc.json", _json_safe(report))
         return report
+
+
+SUMMARY_KEYS = ("ood", "decision_class", "pDC", "pHD", "pHD_mm", "th_low", "th_up", "threshold_source",
+                "threshold_pooling", "ood_rule", "selection_rule", "selected_model", "candidates")
+
+
+class QCResultd:
+    """Postprocessing: the QC summary of the volume just inferred goes into ``data[result_key]["qc"]``.
+
+    MONAI Label returns ``data["result"]`` as the ``/infer`` result JSON (its ``Writer``), so the
+    annotator gets the verdict (``ood``), the pDC/pHD of every candidate, the thresholds and the
+    selected model with the label. ``inferer`` is the :class:`QCInferer` that produced ``pred``; a
+    report about another image (or none, e.g. ``use_qc`` off) adds nothing.
+    """
+
+    def __init__(self, inferer: QCInferer, result_key: str = "result", pred_key: str = "pred") -> None:
+        self.inferer, self.result_key, self.pred_key = inferer, result_key, pred_key
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        report = self.inferer.last_report
+        if not report:
+            return d
+        meta = getattr(d.get(self.pred_key), "meta", None) or {}
+        source = meta.get("filename_or_obj")
+        if source and str(source) != str(report["image"]):
+            logger.warning("QC report is about %s, not %s: left out of the result", report["image"], source)
+            return d
+        summary = {k: report[k] for k in SUMMARY_KEYS if k in report}
+        if self.inferer.report_dir:
+            summary["report_file"] = str(Path(self.inferer.report_dir) / f"{_stem(report['image'])}_qc.json")
+        result = dict(d.get(self.result_key) or {})
+        result["qc"] = _json_safe(summary)
+        d[self.result_key] = result
+        return d
 
 
 def _json_safe(obj):
@@ -353,8 +465,8 @@ def calibrate(inferer: QCInferer, network: torch.nn.Module, data: Sequence[Mappi
     inferer.threshold_source, inferer.calibration_file = "set", None
     result = inferer.screen(data, network)
     inferer.threshold_source = saved_source
-    out = {"th_low": result["th_low"], "th_up": result["th_up"], "n_volumes": len(data),
-           "pDC": [r["pDC"] for r in result["volumes"]], "pHD": [r["pHD"] for r in result["volumes"]]}
+    out = {"th_low": result["th_low"], "th_up": result["th_up"], "pooling": result.get("pooling"), "n_volumes": len(data),
+           "volumes": [{k: r[k] for k in ("image", "phase", "pDC", "pHD")} for r in result["volumes"]]}
     write_json(path, _json_safe(out))
     logger.info("QC calibration on %d validation volumes: th_low %.4f, th_up %.3f -> %s", len(data), out["th_low"], out["th_up"], path)
     return out

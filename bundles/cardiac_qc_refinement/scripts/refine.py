@@ -26,9 +26,9 @@ from monai.transforms import EnsureChannelFirst, LoadImage
 from shared_transforms.datalist import write_json
 from shared_transforms.handlers import atomic_torch_save
 
-from .data import preprocess_volume, spacing_from_meta
+from .data import phase_of, preprocess_volume, spacing_from_meta
 from .losses import generalized_dice_loss, one_hot
-from .qc import _json_safe, is_ood, load_candidates
+from .qc import _json_safe, load_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,10 @@ class QCRefinement:
         rows = []
         for v in vols:
             ms = [self.inferer.measures(self.inferer.predict(n, v["x"]), v["z_ratio"]) for n in [self.network, *others]]
-            rows.append({"case": v["case"], "pDC": [m["pDC"]["RV"] for m in ms], "pHD": [m["pHD"]["RV"] for m in ms]})
+            rows.append({"case": v["case"], "phase": phase_of(v["image"]), "pDC": [m["pDC"]["RV"] for m in ms], "pHD": [m["pHD"]["RV"] for m in ms]})
         th = self.inferer.thresholds_for(rows)
         for r in rows:
-            r["ood"] = bool(is_ood(r["pDC"], r["pHD"], th["th_low"], th["th_up"]))
+            r["ood"] = self.inferer.flag(r["pDC"], r["pHD"], th, r["phase"])
         return {"thresholds": th, "volumes": rows, "ood": [r["case"] for r in rows if r["ood"]]}
 
     # ------------------------------------------------------------------ steps
