@@ -565,6 +565,8 @@ def polyp(out_dir: str, train: int = 12, per_test_set: int = 2, size: int = 64, 
 # ----------------------------------------------------------------------------------------
 
 #: vendor -> appearance. Two labelled "vendors" differ in contrast and spacing; the third is
+#: folder (inside the cardiac phantom root) of the unlabelled subjects' reference labels
+HIDDEN_LABELS = "hidden_labels"
 #: the unlabelled out-of-distribution group (inverted contrast, or heavy noise).
 CARDIAC_VENDORS = {
     "SIEMENS": dict(scanner="Avanto", field="1.5", spacing=1.25, blood=1.0, myo=0.30, tissue=0.45, noise=0.04),
@@ -600,7 +602,9 @@ def cardiac(out_dir: str, subjects: int = 8, ood_subjects: int = 3, sa_shape: Se
     than ED. Labelled subjects alternate between two vendors with different contrast and
     spacing (SIEMENS 1.25 mm, PHILIPS 1.5 mm); the last ``ood_subjects`` are unlabelled (no
     ``_gt``) from a third vendor (GE), out of distribution: ``ood_mode`` "invert" (dark blood,
-    bright myocardium) or "noise" (heavy noise).
+    bright myocardium) or "noise" (heavy noise). Their reference labels are kept out of the
+    layout's reach as ``hidden_labels/NNN_{SA,LA}_{ED,ES}_gt_hidden.nii.gz`` (for scoring the
+    refinement set only; no reader treats them as training labels).
 
     Args:
         out_dir: dataset root to create.
@@ -648,6 +652,8 @@ def cardiac(out_dir: str, subjects: int = 8, ood_subjects: int = 3, sa_shape: Se
                 img = rician(rng, 800.0 * img, 800.0 * noise)
                 affine = affine_for((sp, sp, 10.0 if view == "SA" else 8.0))
                 names = {"": img.astype(np.float32)} if ood else {"": img.astype(np.float32), "_gt": label}
+                if ood:
+                    save_nifti(out / HIDDEN_LABELS / f"{code}_{view}_{phase}_gt_hidden.nii.gz", label, affine, np.uint8)
                 for suffix, data in names.items():
                     name = f"{code}_{view}_{phase}{suffix}.nii.gz"
                     dtype = np.uint8 if suffix else np.float32

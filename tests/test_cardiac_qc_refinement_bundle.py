@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import BUNDLES, bundle_run, make_phantoms, run
+from monai.losses import GeneralizedDiceLoss
+from monai.networks.utils import one_hot
 
 BUNDLE = "cardiac_qc_refinement"
 ROOT = BUNDLES / BUNDLE
@@ -107,6 +109,73 @@ def test_threshold_pooling_phase_split_and_ood_rules_on_hand_made_lists():
     assert qc.is_ood([0.9], [math.inf], 0.8, math.inf, rule="best_candidate")  # empty prediction fails
     with pytest.raises(ValueError, match="ood_rule"):
         qc.is_ood(pdcs, phds, 0.8, 10.0, rule="any")
+
+
+def test_losses_match_hand_computations():
+    """Segmenter loss = Σ w_i (GD_i + CE_i), w ∝ 2^-i normalised, each head scored against the label;
+    MONAI's generalised Dice equals the bundle's L_WGD with unit class weights; QC loss = MSE + GD."""
+    losses = _scripts()["losses"]
+    torch.manual_seed(0)
+    label = torch.randint(0, 4, (2, 1, 16, 16))
+    label[:, :, :4] = 3
+    heads = torch.randn(2, 3, 4, 16, 16)
+    target = one_hot(label, 4).float()
+
+    def gd_ce(logits):  # by hand: batch-wise generalised Dice with 1/ref^2 weights + cross-entropy
+        p = torch.softmax(logits, 1)
+        ref = target.sum((0, 2, 3))
+        w = 1.0 / ref**2
+        gd = 1 - (2 * (w * (p * target).sum((0, 2, 3))).sum() + 1e-5) / ((w * (p + target).sum((0, 2, 3))).sum() + 1e-5)
+        return gd + torch.nn.functional.cross_entropy(logits, label[:, 0])
+
+    expected = sum(w * gd_ce(heads[:, i]) for i, w in enumerate([4 / 7, 2 / 7, 1 / 7]))
+    loss = losses.SegmenterLoss(num_classes=4)
+    assert float(loss(heads, label)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss(heads[:, 0], label)) == pytest.approx(float(gd_ce(heads[:, 0])), rel=1e-5)  # eval output
+    probs = torch.softmax(heads[:, 0], 1)
+    assert float(losses.generalized_dice_loss(probs, target)) == pytest.approx(
+        float(GeneralizedDiceLoss(batch=True)(probs, target)), rel=1e-5)
+    rv_only = float(losses.generalized_dice_loss(probs, target, [0, 0, 0, 1]))
+    eps_rv = 1e-5 * target[:, 3].sum() ** 2  # the smoothing term, divided by RV's weight 1/ref^2
+    rv = 1 - (2 * (probs[:, 3] * target[:, 3]).sum() + eps_rv) / ((probs[:, 3] + target[:, 3]).sum() + eps_rv)
+    assert rv_only == pytest.approx(float(rv), rel=1e-4)  # RV alone: plain Dice of the RV channel
+    qc = losses.QCLoss()(probs, target)
+    assert float(qc) == pytest.approx(float(torch.mean((probs - target) ** 2) + gd_ce(heads[:, 0])
+                                            - torch.nn.functional.cross_entropy(heads[:, 0], label[:, 0])), rel=1e-5)
+
+
+def test_random_transforms_as_the_authors_training():
+    """train#random_transforms: mirroring on both axes (p 0.5 each), rotation ±30°, isotropic scaling
+    0.7-1.4, image and label together; on by default, off in train_qc.json (R sees true masks)."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import RandFlipd, RandRotated, RandZoomd
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    assert parser["augment"] is True and parser["train"]["dataset"]["transform"] == "$@train#random_transforms if @augment else None"
+    sys.path.insert(0, str(ROOT))
+    try:
+        t = parser.get_parsed_content("train#random_transforms")
+    finally:
+        sys.path.remove(str(ROOT))
+    flips = [x for x in t.transforms if isinstance(x, RandFlipd)]
+    assert sorted(f.flipper.spatial_axis for f in flips) == [0, 1] and all(f.prob == 0.5 for f in flips)
+    (rot,) = [x for x in t.transforms if isinstance(x, RandRotated)]
+    assert rot.rand_rotate.range_x == pytest.approx((-math.pi / 6, math.pi / 6)) and rot.prob == 1.0
+    (zoom,) = [x for x in t.transforms if isinstance(x, RandZoomd)]
+    assert list(zoom.rand_zoom.min_zoom) + list(zoom.rand_zoom.max_zoom) == pytest.approx([0.7, 1.4]) and zoom.prob == 1.0
+    label = torch.zeros(1, 64, 64)
+    label[0, 20:40, 24:36] = 3
+    label[0, 28:32, 28:32] = 1
+    areas = set()
+    for seed in range(6):
+        t.set_random_state(seed)
+        out = t({"image": label.clone() / 3, "label": label.clone()})
+        assert out["label"].shape == (1, 64, 64) and set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0, 3.0}
+        areas.add(int((out["label"] == 3).sum()))
+    assert len(areas) > 1  # random
+    qc = json.loads((ROOT / "configs" / "train_qc.json").read_text())
+    assert qc["augment"] is False
 
 
 def test_pseudo_measures_with_empty_masks():
@@ -288,11 +357,15 @@ def test_preprocessing_inverts_to_the_input_grid_and_alpha_schedules():
     assert x.shape == y.shape == (3, 1, 64, 64) and info["box"] == (5, 45, 4, 36) and info["resampled"] == (60, 48)
     inside = x[y > -1][x[y > -1] != 0]
     assert abs(float(inside.mean())) < 0.2  # z-scored
-    back = data.invert_volume(losses.one_hot(y, 4), info).argmax(0).numpy()
+    back = data.invert_volume(one_hot(torch.as_tensor(y).long(), 4).float(), info).argmax(0).numpy()
     assert back.shape == img.shape and (back == lab).mean() > 0.98
     refine = s["refine"]
     assert [refine.alpha_for(k) for k in (1, 2, 4)] == [1.0, 0.5, 0.25]
-    assert refine.alpha_for(25, "code") == pytest.approx(0.1)
+    # the authors' code: epoch / 250 from the epoch it resumes at (200)
+    assert [refine.alpha_for(k, "code") for k in (1, 2)] == pytest.approx([0.8, 0.804])
+    assert refine.alpha_for(60, "code") == 1.0
+    with pytest.raises(ValueError, match="alpha_schedule"):
+        refine.alpha_for(1, "cosine")
 
 
 def test_layout_reader_nested_flat_and_unlabelled(tmp_path):
@@ -327,8 +400,9 @@ def chain(tmp_path_factory) -> dict:
     data = make_phantoms("cardiac", work / "mnm2", cwd=work, subjects=8, ood_subjects=3, sa_shape="(64,64,4)")
     root = work / "bundle"
     common = dict(bundle_root=str(root), dataset_dir=str(data), **SMALL)
+    # augmentation off: 10 epochs on clean phantoms (test_random_transforms checks the augmentation itself)
     bundle_run(BUNDLE, ["train.json"], cwd=work, run_id="training", epochs=10, batch_size=4, m_best=3, optimizer=ADAM,
-               **common)
+               augment=False, **common)
     bundle_run(BUNDLE, ["train.json", "train_qc.json"], cwd=work, run_id="training", epochs=6, batch_size=4,
                learning_rate=0.002, **common)
     shutil.copytree(root / "models", work / "supervised_models")
@@ -420,33 +494,45 @@ def test_inference_masks_and_qc_reports_ood_flagged_more_often(chain, tmp_path):
 
 
 def test_refinement_updates_only_when_flagged(chain, tmp_path):
-    """One refinement iteration on the unlabelled OoD phantoms: flagged -> the weights change; on
-    in-distribution volumes the weights change exactly when something is flagged."""
+    """One refinement iteration on the unlabelled OoD phantoms: screened before anything changes,
+    then supervised epoch -> screening -> OoD steps -> validation, which keeps the refined models
+    as the new candidates; on in-distribution volumes the weights change exactly when something is flagged."""
     before = _state(chain["work"] / "supervised_models" / "model.pt")
     runs = {}
-    for name, folder, k in (("ood", chain["data"], 1), ("id", chain.get("id_folder"), 1)):
+    for name, folder, schedule in (("ood", chain["data"], "paper"), ("id", chain.get("id_folder"), "paper"),
+                                   ("code", chain["data"], "code")):
         if folder is None:
             pytest.skip("needs the inference test's in-distribution folder")
         root = tmp_path / name
         shutil.copytree(chain["work"] / "supervised_models", root / "models")
         bundle_run(BUNDLE, ["train.json", "refine.json"], cwd=tmp_path, run_id="refining", bundle_root=str(root),
-                   dataset_dir=str(chain["data"]), unlabelled_dir=str(folder), K_semi=k, batch_size=8,
-                   threshold_source="calibration", **SMALL)
+                   dataset_dir=str(chain["data"]), unlabelled_dir=str(folder), K_semi=1, batch_size=8, alpha_schedule=schedule,
+                   threshold_source="calibration", optimizer=ADAM, refine_learning_rate=0.002, **SMALL)
         log = json.loads((root / "eval" / "refine" / "refine_log.json").read_text())
         runs[name] = (log, _state(root / "models" / "model.pt"), root)
     log, after, root = runs["ood"]
     first = log["iterations"][0]
-    assert len(log["unlabelled"]) == 6 and first["ood"], "the OoD phantoms are flagged"
+    assert len(log["unlabelled"]) == 6 and log["initial"]["ood"], "the OoD phantoms are flagged before refinement"
+    assert log["optimizer_state_loaded"]  # the segmenter's optimiser continues from its saved state
     assert {"th_low", "th_up"} <= set(first["thresholds"]) and first["supervised_loss"] > 0
-    assert first["semi_steps"] and all(s["alpha"] == 1.0 for s in first["semi_steps"])
+    if first["ood"]:  # screened after the supervised epoch
+        assert first["semi_steps"] and all(s["alpha"] == 1.0 and s["sup"] > 0 for s in first["semi_steps"])
+    assert math.isfinite(first["val_loss"])
     assert log["updated"] and not _same(before, after)
     assert set(log["final"]) == {"thresholds", "ood", "measures"}  # the set screened again after K_semi iterations
     index = json.loads((root / "models" / "candidates" / "candidates.json").read_text())
-    assert index["candidates"][0].get("refined") and _same(after, _state(root / "models" / "candidates" / index["candidates"][0]["file"]))
+    assert [c["file"] for c in index["candidates"]] == ["refined_k1.pt"]  # the refined models replace the supervised ones
+    assert _same(after, _state(root / "models" / "candidates" / "refined_k1.pt"))
     assert _same(before, _state(root / "models" / "supervised" / "model.pt"))  # the supervised model is kept
+    assert len(list((root / "models" / "supervised" / "candidates").glob("*.pt"))) == 3
+    assert list((root / "eval" / "refine" / "tensorboard").glob("events.out.tfevents.*"))
+    log, after, _ = runs["code"]  # the authors' code: α = 200/250, QC-selected pseudo-label, RV only, no L_SUP
+    steps = log["iterations"][0].get("semi_steps", [])
+    assert all(s["alpha"] == pytest.approx(0.8) and s["sup"] == 0 for s in steps) and log["updated"]
+    assert all("selected" in m for m in log["iterations"][0]["measures"] if m["ood"])
     log, after, _ = runs["id"]
     assert len(log["unlabelled"]) == 4 and not any(c.startswith(("009", "010", "011")) for c in log["unlabelled"])
-    flagged = any(it["ood"] for it in log["iterations"])
+    flagged = bool(log["initial"]["ood"])
     assert log["updated"] == flagged and _same(before, after) == (not flagged)
 
 

@@ -118,7 +118,8 @@ class CardiacMetrics:
             label = item["label"]
             spacing = [float(np.linalg.norm(np.asarray(label.affine)[:3, i])) for i in range(3)]
             lab = np.asarray(label.detach().cpu())[0]
-            name = str(label.meta.get("filename_or_obj", "case"))
+            # the image's name (the label's may differ, e.g. a hidden reference label)
+            name = str(getattr(item["pred"], "meta", {}).get("filename_or_obj") or label.meta.get("filename_or_obj", "case"))
             row = {"case": Path(name).name.split(".nii")[0].removesuffix("_gt")}
             self._penalty[row["case"]] = float(np.linalg.norm(np.asarray(lab.shape) * np.asarray(spacing[: lab.ndim])))
             for c in self.ORDER:
