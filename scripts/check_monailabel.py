@@ -57,6 +57,25 @@ def _multipart(fields: dict[str, str]) -> tuple[bytes, dict]:
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
+def split_infer_response(body: bytes, content_type: str) -> tuple[dict, str, bytes]:
+    """``/infer?output=all`` answers multipart/form-data: the result JSON (``params``) and the label
+    file. Returns (result JSON, label file name, label bytes)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    if content_type.startswith("application/json"):  # MONAI Label sends the JSON alone when there is no label file
+        return json.loads(body), "", b""
+
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    result, filename, label = {}, "", b""
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "params":
+            result = json.loads(part.get_payload(decode=True) or b"{}")
+        elif part.get_filename():
+            filename, label = part.get_filename(), part.get_payload(decode=True)
+    return result, filename, label
+
+
 def sample_image(meta: dict, folder: Path, stem: str, rng: np.random.Generator) -> Path:
     """A synthetic study for a bundle: smooth blobs in the input format its metadata declares."""
     image = next(iter(meta["network_data_format"]["inputs"].values()))
@@ -103,7 +122,7 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
         monailabel: the ``monailabel`` executable of MONAI Label 0.8.5's virtual environment.
         work_dir: folder for weights, archives, the app, studies and the server log.
         epochs: quick-start training epochs per bundle (the weights served).
-        train_bundle: the bundle trained through ``POST /train`` (prostate phantoms are its studies).
+        train_bundle: the bundle trained through ``POST /train`` (prostate phantoms are its studies); "" skips it.
         port: server port (default: a free one).
         names: bundles to serve (default: every bundle in bundles/).
     """
@@ -197,33 +216,38 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
             image_id = samples[name].name.split(".")[0]
             try:
                 body, headers = _multipart({"params": "{}"})
-                data, response_headers = _request(f"{url}/infer/{name}?image={image_id}&output=image", body, headers)
-                disposition = response_headers.get("content-disposition", "")
-                suffix = ".png" if ".png" in disposition else ".nii.gz"
+                data, response_headers = _request(f"{url}/infer/{name}?image={image_id}&output=all", body, headers)
+                result, filename, label_bytes = split_infer_response(data, response_headers.get("content-type", ""))
+                suffix = ".png" if filename.endswith(".png") else ".nii.gz"
                 out = work / "labels" / f"{name}{suffix}"
                 out.parent.mkdir(exist_ok=True)
-                out.write_bytes(data)
+                out.write_bytes(label_bytes)
                 label, expected = read_label(out), image_shape(samples[name])
                 ok = tuple(label.shape[: len(expected)]) == expected and np.issubdtype(label.dtype, np.integer)
                 report(ok, f"/infer/{name}?image={image_id}: label {label.shape} {label.dtype}, image {expected}, "
-                           f"values {sorted(np.unique(label).tolist())[:5]}")
+                           f"values {sorted(np.unique(label).tolist())[:5]}; result keys {sorted(result)}")
+                if "QCResultd" in (app / "model" / name / "configs" / "inference.json").read_text():
+                    qc = result.get("qc", {})
+                    report(isinstance(qc.get("ood"), bool) and "selected_model" in qc and "th_up" in qc,
+                           f"/infer/{name} result JSON carries the QC verdict: {json.dumps(qc)[:400]}")
             except urllib.error.HTTPError as e:
                 report(False, f"/infer/{name}: HTTP {e.code} {e.read()[:500]!r}")
 
-        checkpoint = app / "model" / train_bundle / "models" / "model.pt"
-        before = checkpoint.stat().st_mtime if checkpoint.exists() else 0
-        params = {"max_epochs": 1, "val_split": 0.2, "train_batch_size": 4, "val_batch_size": 4, "multi_gpu": False}
-        try:
-            data, _ = _request(f"{url}/train/{train_bundle}?run_sync=true", json.dumps(params).encode(),
-                               {"Content-Type": "application/json"}, timeout=1800)
-            after = checkpoint.stat().st_mtime if checkpoint.exists() else 0
-            log.flush()
-            epochs_done = [ln.strip() for ln in open(work / "server.log") if "SupervisedTrainer" in ln and "Epoch[" in ln]
-            report(after > before and bool(epochs_done),
-                   f"/train/{train_bundle} max_epochs 1: {epochs_done[-1] if epochs_done else 'no trainer epoch in the log'}; "
-                   f"checkpoint {checkpoint} {'rewritten' if after > before else 'NOT rewritten'}")
-        except urllib.error.HTTPError as e:
-            report(False, f"/train/{train_bundle}: HTTP {e.code} {e.read()[:500]!r}")
+        if train_bundle:  # "" skips the /train check (e.g. serving one bundle that has no studies)
+            checkpoint = app / "model" / train_bundle / "models" / "model.pt"
+            before = checkpoint.stat().st_mtime if checkpoint.exists() else 0
+            params = {"max_epochs": 1, "val_split": 0.2, "train_batch_size": 4, "val_batch_size": 4, "multi_gpu": False}
+            try:
+                data, _ = _request(f"{url}/train/{train_bundle}?run_sync=true", json.dumps(params).encode(),
+                                   {"Content-Type": "application/json"}, timeout=1800)
+                after = checkpoint.stat().st_mtime if checkpoint.exists() else 0
+                log.flush()
+                epochs_done = [ln.strip() for ln in open(work / "server.log") if "SupervisedTrainer" in ln and "Epoch[" in ln]
+                report(after > before and bool(epochs_done),
+                       f"/train/{train_bundle} max_epochs 1: {epochs_done[-1] if epochs_done else 'no trainer epoch in the log'}; "
+                       f"checkpoint {checkpoint} {'rewritten' if after > before else 'NOT rewritten'}")
+            except urllib.error.HTTPError as e:
+                report(False, f"/train/{train_bundle}: HTTP {e.code} {e.read()[:500]!r}")
     finally:
         server.terminate()
         try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Serves every bundle in a real MONAI Label 0.8.5 server and checks /info/, /infer and /train
 # over REST (scripts/check_monailabel.py). Run from anywhere, e.g. the repository root:
-#   bash scripts/check_monailabel.sh [WORK_DIR]      the whole check
+#   bash scripts/check_monailabel.sh [WORK_DIR] [ARGS]   the whole check (ARGS go to check_monailabel.py,
+#                                                    e.g. --names "[cardiac_qc_refinement]" --train_bundle "")
 #   bash scripts/check_monailabel.sh --guard-only    only check that MONAI Label's environment
 #                                                    does not see this repository's shared_transforms
 #
@@ -19,6 +20,7 @@ if [[ "${1:-}" == "--guard-only" ]]; then
     shift
 fi
 WORK="${1:-monailabel_check}"
+shift || true  # the rest goes to check_monailabel.py, e.g. --names "[cardiac_qc_refinement]" --train_bundle ""
 
 # Isolated mode (-I): no working directory or PYTHONPATH on sys.path, so run from the repository
 # root the check sees only what is installed in MONAI Label's environment.
@@ -62,4 +64,4 @@ if [[ ! -x "$VENV/bin/python" ]] || [[ "$(cat "$STAMP" 2>/dev/null)" != "${BUNDL
     guard
 fi
 echo "[monailabel] virtual environment: $VENV ($("$VENV/bin/python" -I -c 'import monailabel, monai, numpy; print("monailabel", monailabel.__version__, "monai", monai.__version__, "numpy", numpy.__version__)'))"
-"$PYTHON" "$REPO/scripts/check_monailabel.py" --monailabel "$VENV/bin/monailabel" --work_dir "$WORK"
+"$PYTHON" "$REPO/scripts/check_monailabel.py" --monailabel "$VENV/bin/monailabel" --work_dir "$WORK" "$@"

@@ -85,17 +85,18 @@ def test_threshold_pooling_phase_split_and_ood_rules_on_hand_made_lists():
             {"pDC": [0.80, 0.95], "pHD": [6.0, 2.0], "phase": "ES"},
             {"pDC": [0.85, 0.88], "pHD": [4.0, math.inf], "phase": "ED"},
             {"pDC": [0.60, 0.91], "pHD": [12.0, 5.0], "phase": "ES"}]
-    assert qc.pooled_measures(rows, "all_pairs") == ([0.9, 0.7, 0.8, 0.95, 0.85, 0.88, 0.6, 0.91],
-                                                     [3.0, 9.0, 6.0, 2.0, 4.0, math.inf, 12.0, 5.0])
+    # the empty prediction's pair (0.88, inf) is a failure, left out of both lists
+    assert qc.pooled_measures(rows, "all_pairs") == ([0.9, 0.7, 0.8, 0.95, 0.85, 0.6, 0.91],
+                                                     [3.0, 9.0, 6.0, 2.0, 4.0, 12.0, 5.0])
     # the authors' code: per volume the best pDC (max) and the best pHD (min)
-    assert qc.pooled_measures(rows, "best_of") == ([0.9, 0.95, 0.88, 0.91], [3.0, 2.0, 4.0, 5.0])
+    assert qc.pooled_measures(rows, "best_of") == ([0.9, 0.95, 0.85, 0.91], [3.0, 2.0, 4.0, 5.0])
     th = qc.set_thresholds(rows, "best_of")
-    d1, d3 = np.percentile([0.9, 0.95, 0.88, 0.91], [25, 75])
+    d1, d3 = np.percentile([0.9, 0.95, 0.85, 0.91], [25, 75])
     h1, h3 = np.percentile([3.0, 2.0, 4.0, 5.0], [25, 75])
     assert (th["th_low"], th["th_up"]) == pytest.approx((d1 - 1.5 * (d3 - d1), h3 + 1.5 * (h3 - h1)))
     assert "by_phase" not in th and qc.thresholds_of(th, "ED") == (th["th_low"], th["th_up"])
     split = qc.set_thresholds(rows, "all_pairs", split_by_phase=True)
-    ed = qc.iqr_thresholds([0.9, 0.7, 0.85, 0.88], [3.0, 9.0, 4.0, math.inf])
+    ed = qc.iqr_thresholds([0.9, 0.7, 0.85], [3.0, 9.0, 4.0])
     assert qc.thresholds_of(split, "ED") == pytest.approx((ed["th_low"], ed["th_up"]))
     assert qc.thresholds_of(split, None) == (split["th_low"], split["th_up"])  # no phase: the pooled thresholds
     with pytest.raises(ValueError, match="threshold_pooling"):
@@ -368,6 +369,29 @@ def test_preprocessing_inverts_to_the_input_grid_and_alpha_schedules():
         refine.alpha_for(1, "cosine")
 
 
+def test_labelled_batches_reshuffled_every_pass_and_optimizer_state_checks(tmp_path):
+    refine = _scripts()["refine"]
+    loader = torch.utils.data.DataLoader(list(range(32)), batch_size=32, shuffle=True)
+    stream = refine._reshuffled(loader)
+    torch.manual_seed(0)
+    passes = [next(stream).tolist() for _ in range(3)]
+    assert all(sorted(p) == list(range(32)) for p in passes) and len({tuple(p) for p in passes}) == 3
+    net = torch.nn.Linear(3, 2)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99)
+    net(torch.rand(4, 3)).sum().backward()
+    sgd.step()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": net.state_dict(), "optimizer": sgd.state_dict(), "fingerprint": "run A"}, path)
+    fresh = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.5, momentum=0.99)
+    assert refine.load_optimizer_state(fresh, path, lr=0.02, fingerprint="run A") is not None
+    assert fresh.param_groups[0]["lr"] == 0.02 and len(fresh.state) == 2  # momentum buffers restored
+    assert refine.load_optimizer_state(torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1),
+                                       path, fingerprint="run B") is None  # another run
+    assert refine.load_optimizer_state(torch.optim.Adam(torch.nn.Linear(3, 2).parameters()), path) is None
+    assert refine.load_optimizer_state(torch.optim.SGD(torch.nn.Linear(5, 2).parameters(), lr=0.1, momentum=0.99),
+                                       path) is None  # buffers of another shape
+
+
 def test_layout_reader_nested_flat_and_unlabelled(tmp_path):
     data = _scripts()["data"]
     root = make_phantoms("cardiac", tmp_path / "mnm2", cwd=tmp_path, subjects=4, ood_subjects=1, sa_shape="(32,32,2)",
@@ -513,22 +537,24 @@ def test_refinement_updates_only_when_flagged(chain, tmp_path):
     log, after, root = runs["ood"]
     first = log["iterations"][0]
     assert len(log["unlabelled"]) == 6 and log["initial"]["ood"], "the OoD phantoms are flagged before refinement"
-    assert log["optimizer_state_loaded"]  # the segmenter's optimiser continues from its saved state
+    # the segmenter's optimiser continues from its saved state, with the weights of that epoch
+    assert log["optimizer_state_loaded"] and log["start_weights"].startswith("resume checkpoint")
     assert {"th_low", "th_up"} <= set(first["thresholds"]) and first["supervised_loss"] > 0
-    if first["ood"]:  # screened after the supervised epoch
-        assert first["semi_steps"] and all(s["alpha"] == 1.0 and s["sup"] > 0 for s in first["semi_steps"])
+    assert first["ood"], "still flagged when screened after the supervised epoch"
+    assert len(first["semi_steps"]) == 6 and all(s["alpha"] == 1.0 and s["sup"] > 0 for s in first["semi_steps"])
     assert math.isfinite(first["val_loss"])
     assert log["updated"] and not _same(before, after)
     assert set(log["final"]) == {"thresholds", "ood", "measures"}  # the set screened again after K_semi iterations
     index = json.loads((root / "models" / "candidates" / "candidates.json").read_text())
     assert [c["file"] for c in index["candidates"]] == ["refined_k1.pt"]  # the refined models replace the supervised ones
     assert _same(after, _state(root / "models" / "candidates" / "refined_k1.pt"))
+    assert not (root / "models" / "refined").exists()  # the staging folder is gone once installed
     assert _same(before, _state(root / "models" / "supervised" / "model.pt"))  # the supervised model is kept
     assert len(list((root / "models" / "supervised" / "candidates").glob("*.pt"))) == 3
     assert list((root / "eval" / "refine" / "tensorboard").glob("events.out.tfevents.*"))
     log, after, _ = runs["code"]  # the authors' code: α = 200/250, QC-selected pseudo-label, RV only, no L_SUP
-    steps = log["iterations"][0].get("semi_steps", [])
-    assert all(s["alpha"] == pytest.approx(0.8) and s["sup"] == 0 for s in steps) and log["updated"]
+    steps = log["iterations"][0]["semi_steps"]
+    assert len(steps) == 6 and all(s["alpha"] == pytest.approx(0.8) and s["sup"] == 0 for s in steps) and log["updated"]
     assert all("selected" in m for m in log["iterations"][0]["measures"] if m["ood"])
     log, after, _ = runs["id"]
     assert len(log["unlabelled"]) == 4 and not any(c.startswith(("009", "010", "011")) for c in log["unlabelled"])

@@ -1,5 +1,6 @@
 """Every repository tool is a fire CLI with a working --help, runnable from any directory."""
 
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +61,19 @@ def test_install_environment_choice(tmp_path):
     assert "creating" not in again.stdout and "the repository's virtual environment" in again.stdout
     too_old = _choose_env(tmp_path / "repo", {"PYTHON": "/nonexistent/python"})
     assert too_old.returncode != 0 and "missing or older than Python 3.10" in too_old.stderr
+
+
+def test_check_monailabel_reads_the_multipart_infer_answer():
+    """/infer?output=all answers multipart (MONAI Label's MultipartEncoder): the result JSON and the label."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from check_monailabel import split_infer_response
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    label = bytes(range(256)) * 4  # binary, with CR/LF inside
+    params = {"label_names": {"rv": 3}, "qc": {"ood": True, "th_up": "inf"}}
+    body = (b'--xyz\r\nContent-Disposition: form-data; name="params"\r\nContent-Type: application/json\r\n\r\n'
+            + json.dumps(params).encode() + b'\r\n--xyz\r\nContent-Disposition: form-data; name="image"; '
+            b'filename="lab.nii.gz"\r\nContent-Type: application/gzip\r\n\r\n' + label + b"\r\n--xyz--\r\n")
+    assert split_infer_response(body, "multipart/form-data; boundary=xyz") == (params, "lab.nii.gz", label)
+    assert split_infer_response(json.dumps(params).encode(), "application/json") == (params, "", b"")

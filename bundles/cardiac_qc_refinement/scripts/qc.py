@@ -114,13 +114,16 @@ def pooled_measures(rows: Sequence[Mapping[str, Any]], pooling: str = "all_pairs
 
     ``rows``: one per volume, ``{"pDC": [per candidate], "pHD": [per candidate]}``.
     ``all_pairs``: every (volume, candidate) pair. ``best_of``: per volume the best pDC (max) and
-    the best pHD (min) over the candidates, as in the authors' code.
+    the best pHD (min) over the candidates, as in the authors' code. A pair with an infinite pHD
+    (an empty prediction: pDC 0, pHD ∞) is a failure, not a sample of the distribution: it is
+    left out of both lists, so it cannot drag Q1(pDC) down.
     """
     _check("threshold_pooling", pooling, POOLINGS)
+    pairs = [[(d, h) for d, h in zip(r["pDC"], r["pHD"]) if math.isfinite(h)] for r in rows]
     if pooling == "all_pairs":
-        return [v for r in rows for v in r["pDC"]], [v for r in rows for v in r["pHD"]]
-    rows = [r for r in rows if len(r["pDC"])]
-    return [max(r["pDC"]) for r in rows], [min(r["pHD"]) for r in rows]
+        return [d for p in pairs for d, _ in p], [h for p in pairs for _, h in p]
+    pairs = [p for p in pairs if p]
+    return [max(d for d, _ in p) for p in pairs], [min(h for _, h in p) for p in pairs]
 
 
 def set_thresholds(rows: Sequence[Mapping[str, Any]], pooling: str = "all_pairs",
@@ -210,6 +213,8 @@ class QCInferer:
     Thresholds: :meth:`screen` sets them over a whole set (IQR of its pDC/pHD, pooled as
     ``threshold_pooling`` says, optionally per phase); otherwise (one volume, as in MONAI Label) the
     validation-set thresholds saved in ``calibration_file`` are used. ``ood_rule`` decides the flag.
+    ``use_qc=False`` predicts with ``network`` alone (no selection); R still scores that
+    prediction, so the report (``selection_rule: "single"``) and the /infer summary are there.
     """
 
     def __init__(self, qc_network: torch.nn.Module | None, qc_ckpt: str | None, candidates_dir: str | None,
@@ -313,7 +318,8 @@ class QCInferer:
             cal = json.loads(Path(self.calibration_file).read_text())
             source = "validation set (saved with the model)"
             if cal.get("volumes"):  # the saved measures: pooled (and split) the way this inferer is configured
-                rows = [{**r, "pDC": [float(v) for v in r["pDC"]], "pHD": [float(v) for v in r["pHD"]]} for r in cal["volumes"]]
+                num = lambda v: math.nan if v is None else float(v)  # noqa: E731  (null: NaN, see _json_safe)
+                rows = [{**r, "pDC": [num(v) for v in r["pDC"]], "pHD": [num(v) for v in r["pHD"]]} for r in cal["volumes"]]
                 return {**set_thresholds(rows, self.threshold_pooling, self.split_by_phase), "source": source}
             return {"th_low": float(cal["th_low"]), "th_up": float(cal["th_up"]), "source": source}
         return None
@@ -422,7 +428,7 @@ class QCResultd:
     MONAI Label returns ``data["result"]`` as the ``/infer`` result JSON (its ``Writer``), so the
     annotator gets the verdict (``ood``), the pDC/pHD of every candidate, the thresholds and the
     selected model with the label. ``inferer`` is the :class:`QCInferer` that produced ``pred``; a
-    report about another image (or none, e.g. ``use_qc`` off) adds nothing.
+    report about another image, or none (no QC module), adds nothing.
     """
 
     def __init__(self, inferer: QCInferer, result_key: str = "result", pred_key: str = "pred") -> None:
@@ -448,6 +454,9 @@ class QCResultd:
 
 
 def _json_safe(obj):
+    """Strict JSON: ±∞ as the strings "inf"/"-inf" (``float()`` reads them back), NaN as null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
     if isinstance(obj, float) and not math.isfinite(obj):
         return "inf" if obj > 0 else "-inf"
     if isinstance(obj, dict):

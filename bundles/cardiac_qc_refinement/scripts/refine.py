@@ -25,8 +25,10 @@ The supervised models are kept in ``models/supervised`` (the ablation's M and {M
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,6 +44,7 @@ from monai.engines.utils import IterationEvents
 from monai.networks.utils import one_hot
 from monai.transforms import EnsureChannelFirst, LoadImage
 from shared_transforms.files import write_json
+from shared_transforms.handlers import atomic_torch_save
 
 from .data import phase_of, preprocess_volume, spacing_from_meta
 from .handlers import GradientClip
@@ -65,30 +68,44 @@ def alpha_for(k: int, schedule: str = "paper", code_start_epoch: int = 200, code
     raise ValueError(f"alpha_schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: str | Path, lr: float | None = None) -> bool:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: str | Path, lr: float | None = None,
+                         fingerprint: str | None = None) -> dict[str, torch.Tensor] | None:
     """Continue ``optimizer`` from the state saved in a resume checkpoint (its ``"optimizer"`` entry):
     SGD's momentum buffers go on where training stopped. ``lr`` then replaces the saved learning
-    rate (a finished poly schedule leaves it near 0). A checkpoint from another optimiser type or
-    network is not loaded (a warning says why); returns whether the state was loaded."""
-    path = Path(checkpoint)
+    rate (a finished poly schedule leaves it near 0).
+
+    Returns the checkpoint's model weights (the same epoch as the optimiser state: the caller
+    starts from them, as the authors' code resumes its last epoch), or None when nothing was
+    loaded (a warning says why): no file, a checkpoint of another run (``fingerprint``), another
+    optimiser type or another network (parameter groups, counts or buffer shapes differ).
+    """
+    path, reason, model = Path(checkpoint), "", None
     if not path.is_file():
-        logger.warning("no %s: the refinement optimiser starts without saved state", path)
-        loaded = False
+        reason = "no such file"
     else:
-        saved = torch.load(path, map_location="cpu", weights_only=True).get("optimizer")
-        own = optimizer.state_dict()["param_groups"]
-        same = (saved is not None and len(saved["param_groups"]) == len(own)
-                and all(set(a) - {"initial_lr"} == set(b) - {"initial_lr"} and len(a["params"]) == len(b["params"])
-                        for a, b in zip(saved["param_groups"], own)))  # initial_lr: added by an lr scheduler
-        if same:
-            optimizer.load_state_dict(saved)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved, own = state.get("optimizer"), optimizer.state_dict()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if fingerprint is not None and state.get("fingerprint", "") != fingerprint:
+            reason = f"it belongs to another run ({state.get('fingerprint', '')})"
+        elif saved is None or "model" not in state:
+            reason = "no optimiser state or model in it"
+        elif len(saved["param_groups"]) != len(own["param_groups"]) or not all(
+                set(a) - {"initial_lr"} == set(b) - {"initial_lr"} and len(a["params"]) == len(b["params"])
+                for a, b in zip(saved["param_groups"], own["param_groups"])):  # initial_lr: added by an lr scheduler
+            reason = "it holds another optimiser's state"
+        elif any(torch.is_tensor(v) and v.ndim and v.shape != params[int(i)].shape
+                 for i, buf in saved["state"].items() for v in buf.values()):
+            reason = "its buffers do not fit this network"
         else:
-            logger.warning("%s holds the state of another optimiser or network: the refinement optimiser starts afresh", path)
-        loaded = bool(same)
+            optimizer.load_state_dict(saved)
+            model = state["model"]
+    if reason:
+        logger.warning("refinement optimiser starts afresh from models/model.pt: %s: %s", path, reason)
     if lr is not None:
         for group in optimizer.param_groups:
             group["lr"] = float(lr)
-    return loaded
+    return model
 
 
 def _reshuffled(loader) -> Iterator[Any]:
@@ -114,7 +131,8 @@ class QCRefinement:
                  wgd_class_weights: Sequence[float] = (1.0, 1.0, 1.0, 3.0), batch_size: int = 16,
                  amp: bool = False, grad_clip: float = 12.0, resume_checkpoint: str | None = None,
                  learning_rate: float | None = None, code_start_epoch: int = 200, code_epochs: int = 250,
-                 tensorboard_dir: str | None = None) -> None:
+                 tensorboard_dir: str | None = None, refined_dir: str | None = None,
+                 fingerprint: str | None = None) -> None:
         alpha_for(1, alpha_schedule)  # validates the name
         self.network, self.optimizer, self.loss = network, optimizer, loss
         self.labelled_loader, self.unlabelled = labelled_loader, list(unlabelled)
@@ -126,7 +144,10 @@ class QCRefinement:
         self.wgd_class_weights = list(wgd_class_weights)
         self.batch_size, self.amp, self.grad_clip = int(batch_size), bool(amp), float(grad_clip)
         self.resume_checkpoint, self.learning_rate = resume_checkpoint, learning_rate
-        self.tensorboard_dir = tensorboard_dir
+        self.tensorboard_dir, self.fingerprint = tensorboard_dir, fingerprint
+        # where validation keeps the refined models until they replace the candidates (refine.json
+        # points validate#best_checkpoints there): an interrupted run leaves models/candidates intact
+        self.refined_dir = Path(refined_dir) if refined_dir else self.ckpt_dir / "refined"
         self._labelled: Iterator[Any] | None = None
         self._k = 1
 
@@ -148,22 +169,19 @@ class QCRefinement:
     def _screen(self, vols: list[dict], others: list[torch.nn.Module]) -> dict[str, Any]:
         """pDC/pHD of the current model and the other candidates on every unlabelled volume; the
         thresholds over the set; the OoD verdicts; the QC-selected soft map of each OoD volume."""
-        rows, softs = [], {}
-        for v in vols:
-            preds = [self.inferer.predict(n, v["x"]) for n in [self.network, *others]]
-            ms = [self.inferer.measures(p, v["z_ratio"]) for p in preds]
+        rows, softs, nets = [], {}, [self.network, *others]
+        for v in vols:  # measures only: the soft maps of a whole set would not fit in memory
+            ms = [self.inferer.measures(self.inferer.predict(n, v["x"]), v["z_ratio"]) for n in nets]
             rows.append({"case": v["case"], "phase": v["phase"], "pDC": [m["pDC"]["RV"] for m in ms],
                          "pHD": [m["pHD"]["RV"] for m in ms]})
-            softs[v["case"]] = preds
         th = self.inferer.thresholds_for(rows)
-        for r in rows:
+        for r, v in zip(rows, vols):
             r["ood"] = self.inferer.flag(r["pDC"], r["pHD"], th, r["phase"])
-            preds = softs.pop(r["case"])
-            if r["ood"] and self.alpha_schedule == "code":  # the authors' pseudo-label needs ŷ_best
+            if r["ood"] and self.alpha_schedule == "code":  # the authors' pseudo-label needs ŷ_best: predicted again
                 choice = select_candidate(r["pDC"], r["pHD"], thresholds_of(th, r["phase"])[1])
                 r["selected"] = choice
                 idx = [choice["model"]] if choice["rule"] == "ranked" else choice["models"]
-                softs[r["case"]] = sum(preds[i] for i in idx) / len(idx)
+                softs[r["case"]] = sum(self.inferer.predict(nets[i], v["x"]) for i in idx) / len(idx)
         return {"thresholds": th, "volumes": rows, "ood": [r["case"] for r in rows if r["ood"]], "best": softs}
 
     def _ood_batches(self, vols: list[dict], screen: Mapping[str, Any]) -> list[dict]:
@@ -236,6 +254,26 @@ class QCRefinement:
         if (self.ckpt_dir / "candidates").is_dir():
             shutil.copytree(self.ckpt_dir / "candidates", backup / "candidates")
 
+    def _install_refined(self) -> list[dict]:
+        """The refined models kept by validation replace ``models/candidates`` and ``models/model.pt``."""
+        cand_dir, index = self.ckpt_dir / "candidates", self.refined_dir / "candidates.json"
+        if self.evaluator is None or not index.is_file():  # nothing kept by validation: the last refined model
+            atomic_torch_save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, self.refined_dir / "model.pt")
+            write_json(index, {"metric": None, "candidates": [{"file": "model_last.pt"}]})
+            shutil.copy2(self.refined_dir / "model.pt", self.refined_dir / "model_last.pt")
+        kept = json.loads(index.read_text())
+        cand_dir.mkdir(parents=True, exist_ok=True)
+        for f in list(cand_dir.glob("*.pt")) + [cand_dir / "candidates.json"]:
+            f.unlink(missing_ok=True)
+        for e in kept["candidates"]:
+            shutil.copy2(self.refined_dir / e["file"], cand_dir / e["file"])
+        write_json(cand_dir / "candidates.json", kept)  # last: an index only ever lists files that are there
+        tmp = self.ckpt_dir / ".model.pt.tmp"
+        shutil.copy2(self.refined_dir / "model.pt", tmp)
+        os.replace(tmp, self.ckpt_dir / "model.pt")
+        shutil.rmtree(self.refined_dir)
+        return kept["candidates"]
+
     def _validate(self, k: int) -> float | None:
         if self.evaluator is None:
             return None
@@ -258,10 +296,13 @@ class QCRefinement:
         updated = bool(screen["ood"]) and self.k_semi > 0
         if updated:
             self._backup_supervised()
-            for f in list(cand_dir.glob("*.pt")) + [cand_dir / "candidates.json"]:  # the refined models replace them
-                f.unlink(missing_ok=True)
-            log["optimizer_state_loaded"] = (load_optimizer_state(self.optimizer, self.resume_checkpoint, self.learning_rate)
-                                             if self.resume_checkpoint else False)
+            shutil.rmtree(self.refined_dir, ignore_errors=True)  # an interrupted run's leftovers
+            resumed = (load_optimizer_state(self.optimizer, self.resume_checkpoint, self.learning_rate, self.fingerprint)
+                       if self.resume_checkpoint else None)
+            log["optimizer_state_loaded"] = resumed is not None
+            if resumed is not None:  # weights of the same epoch as the optimiser's momentum
+                self.network.load_state_dict(resumed)
+            log["start_weights"] = "resume checkpoint (last epoch)" if resumed is not None else "models/model.pt"
             self._labelled = _reshuffled(self.labelled_loader)
             supervised = self._trainer(self.labelled_loader)
             sup_losses: list[float] = []
@@ -287,12 +328,10 @@ class QCRefinement:
                 self._write(log)
                 if not screen["ood"]:
                     break
-            final = self._screen(vols, others)
+            log["kept"] = self._install_refined()
+            self.network.load_state_dict(torch.load(best, map_location=self.device, weights_only=True))
+            final = self._screen(vols, others)  # the model inference will use
             log["final"] = {"thresholds": final["thresholds"], "ood": final["ood"], "measures": final["volumes"]}
-            if self.evaluator is None:  # nothing kept by validation: the last refined model is the model
-                from shared_transforms.handlers import atomic_torch_save
-
-                atomic_torch_save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, best)
         log["updated"] = updated
         log["seconds"] = time.perf_counter() - start
         self._write(log)
