@@ -25,9 +25,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.data import MetaTensor
+from monai.transforms import CropForeground, MapTransform, NormalizeIntensity, Resize, ResizeWithPadOrCrop
 from shared_transforms.datalist import BAD_CASES_FILE, fold_datalist, scan_cases, split_cases, write_json
 
 logger = logging.getLogger(__name__)
@@ -157,57 +157,56 @@ def save_target_spacing(ckpt_dir: str, spacing: Sequence[float], view: str) -> s
     return write_json(Path(ckpt_dir) / "preprocessing.json", {"target_spacing": [float(s) for s in spacing], "view": view})
 
 
-def _pad_crop_slices(n: int, size: int) -> tuple[slice, slice]:
-    """(source, destination) slices that centre-pad or centre-crop a length ``n`` to ``size``."""
-    if n >= size:
-        start = (n - size) // 2
-        return slice(start, start + size), slice(0, size)
-    start = (size - n) // 2
-    return slice(0, n), slice(start, start + n)
-
-
 def preprocess_volume(image: np.ndarray | torch.Tensor, spacing: Sequence[float], target: Sequence[float], size: int,
                       label: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """``image`` (H, W, Z) -> network input (Z, 1, size, size), label (Z, 1, size, size) and the inversion info."""
+    """``image`` (H, W, Z) -> network input (Z, 1, size, size), label (Z, 1, size, size) and the inversion info.
+
+    MONAI transforms on the slices as channels ``(Z, H, W)``, so every step is in-plane:
+    ``CropForeground`` (non-zero box), ``Resize`` to the target spacing (bilinear; labels nearest),
+    ``NormalizeIntensity`` (z-score over the volume), ``ResizeWithPadOrCrop`` (centre). The applied
+    operations travel in ``info`` for :func:`invert_volume`.
+    """
     img = torch.as_tensor(np.asarray(image), dtype=torch.float32)
     if img.ndim == 2:
         img = img[..., None]
-    h, w, _ = img.shape
-    nz = (img != 0).any(dim=-1)
-    rows, cols = torch.where(nz.any(1))[0], torch.where(nz.any(0))[0]
-    box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1) if len(rows) else (0, h, 0, w)
-    crop = img[box[0]:box[1], box[2]:box[3]].permute(2, 0, 1)[:, None]  # Z, 1, h', w'
-    new = (max(1, round(crop.shape[2] * spacing[0] / target[0])), max(1, round(crop.shape[3] * spacing[1] / target[1])))
-    res = F.interpolate(crop, size=new, mode="bilinear", align_corners=False)
-    res = (res - res.mean()) / res.std().clamp_min(1e-6)
-    (sr, dr), (sc, dc) = _pad_crop_slices(new[0], size), _pad_crop_slices(new[1], size)
-    x = torch.zeros(res.shape[0], 1, size, size)
-    x[:, :, dr, dc] = res[:, :, sr, sc]
+    h, w, z = img.shape
+    chan = MetaTensor(img.permute(2, 0, 1).contiguous())  # slices as channels: every step is in-plane
+    crop = CropForeground(select_fn=lambda v: v != 0, margin=0, allow_smaller=True)
+    pad = ResizeWithPadOrCrop(spatial_size=(size, size))
+    cropped = crop(chan)
+    start, stop = crop.compute_bounding_box(chan)
+    if cropped.shape[1] == 0 or cropped.shape[2] == 0:  # an empty image: no box, keep the whole plane
+        cropped, start, stop = chan.clone(), np.array([0, 0]), np.array([h, w])
+        cropped.applied_operations = []
+        crop = None
+    new = (max(1, round(cropped.shape[1] * spacing[0] / target[0])), max(1, round(cropped.shape[2] * spacing[1] / target[1])))
+    resize = Resize(spatial_size=new, mode="bilinear", align_corners=False)
+    x = pad(NormalizeIntensity()(resize(cropped)))
     y = None
     if label is not None:
         lab = torch.as_tensor(np.asarray(label), dtype=torch.float32)
-        lab = lab[..., None] if lab.ndim == 2 else lab
-        lab = lab[box[0]:box[1], box[2]:box[3]].permute(2, 0, 1)[:, None]
-        lab = F.interpolate(lab, size=new, mode="nearest")
-        y = torch.zeros_like(x)
-        y[:, :, dr, dc] = lab[:, :, sr, sc]
-    info = {"shape": (h, w, img.shape[2]), "box": box, "resampled": new, "size": size}
-    return x, y, info
+        lab = (lab[..., None] if lab.ndim == 2 else lab).permute(2, 0, 1).contiguous()
+        lab = lab[:, int(start[0]):int(stop[0]), int(start[1]):int(stop[1])]
+        y = pad(Resize(spatial_size=new, mode="nearest")(lab)).as_tensor()[:, None]
+    info = {"shape": (h, w, z), "box": (int(start[0]), int(stop[0]), int(start[1]), int(stop[1])), "resampled": new,
+            "size": size, "transforms": [t for t in (crop, resize, pad) if t is not None],
+            "applied_operations": list(x.applied_operations)}
+    return x.as_tensor()[:, None], y, info
 
 
 def invert_volume(prob: torch.Tensor, info: Mapping[str, Any]) -> torch.Tensor:
-    """Network-grid probabilities (Z, C, size, size) -> (C, H, W, Z) on the input's grid (background outside the box)."""
-    z, c = prob.shape[:2]
-    size, new, box = info["size"], info["resampled"], info["box"]
-    (sr, dr), (sc, dc) = _pad_crop_slices(new[0], size), _pad_crop_slices(new[1], size)
-    canvas = torch.zeros(z, c, *new, dtype=prob.dtype, device=prob.device)
-    canvas[:, 0] = 1.0
-    canvas[:, :, sr, sc] = prob[:, :, dr, dc]
-    back = F.interpolate(canvas, size=(box[1] - box[0], box[3] - box[2]), mode="bilinear", align_corners=False)
+    """Network-grid probabilities (Z, C, size, size) -> (C, H, W, Z) on the input's grid: the MONAI
+    transforms of :func:`preprocess_volume` inverted (pad/crop, resize, crop) from the operations
+    it recorded. The foreground channels are inverted (their padding, 0, is right) and background
+    is 1 - their sum: whatever lies outside the network's view is background."""
+    z, c, size, _ = prob.shape
+    flat = MetaTensor(prob[:, 1:].reshape(z * (c - 1), size, size).float())
+    flat.applied_operations = [dict(op) for op in info["applied_operations"]]
+    for t in reversed(info["transforms"]):
+        flat = t.inverse(flat)
     h, w, _ = info["shape"]
-    out = torch.zeros(z, c, h, w, dtype=prob.dtype, device=prob.device)
-    out[:, 0] = 1.0
-    out[:, :, box[0]:box[1], box[2]:box[3]] = back
+    fg = flat.as_tensor().reshape(z, c - 1, h, w)
+    out = torch.cat([(1.0 - fg.sum(1, keepdim=True)).clamp_min(0.0), fg], 1).to(prob.dtype)
     return out.permute(1, 2, 3, 0)
 
 
