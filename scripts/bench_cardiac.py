@@ -20,6 +20,7 @@ import platform
 import sys
 
 import fire
+import numpy as np
 import torch
 from bench_utils import timeit
 from bundle_cli import BUNDLES
@@ -41,7 +42,7 @@ def main(image_size: int = 256, slices: int = 10, m_best: int = 3, filters: list
         bundle_root: a trained bundle root to take weights from (optional).
     """
     sys.path.insert(0, str(BUNDLE))
-    from scripts.data import invert_volume
+    from scripts.data import invert_volume, preprocess_volume
     from scripts.net import CardiacSegmenter, QCAutoencoder
     from scripts.qc import QCInferer, is_ood, load_candidates, select_candidate
 
@@ -57,9 +58,8 @@ def main(image_size: int = 256, slices: int = 10, m_best: int = 3, filters: list
         nets = loaded[:m_best] or nets
         qc_ckpt = f"{bundle_root}/models/qc/model.pt"
     inferer = QCInferer(qc_net, qc_ckpt, None, [1.25, 1.25], image_size, slice_batch_size=16)
-    x = torch.randn(slices, 1, image_size, image_size)
-    info = {"shape": (image_size, image_size, slices), "box": (0, image_size, 0, image_size),
-            "resampled": (image_size, image_size), "size": image_size}
+    volume = np.random.default_rng(seed).random((image_size, image_size, slices), dtype=np.float32) + 0.1
+    x, _, info = preprocess_volume(volume, (1.25, 1.25), (1.25, 1.25), image_size)  # the inversion info of a real call
 
     def timed(fn):
         return timeit(fn, repeat)

@@ -348,7 +348,7 @@ def test_mean_hd_counts_failures_at_the_volume_diagonal(tmp_path):
 
 def test_preprocessing_inverts_to_the_input_grid_and_alpha_schedules():
     s = _scripts()
-    data, losses = s["data"], s["losses"]
+    data = s["data"]
     img = np.zeros((50, 40, 3), np.float32)
     img[5:45, 4:36] = np.random.default_rng(0).uniform(1, 2, (40, 32, 3))  # zero border: cropped away
     lab = np.zeros_like(img)
@@ -360,6 +360,8 @@ def test_preprocessing_inverts_to_the_input_grid_and_alpha_schedules():
     assert abs(float(inside.mean())) < 0.2  # z-scored
     back = data.invert_volume(one_hot(torch.as_tensor(y).long(), 4).float(), info).argmax(0).numpy()
     assert back.shape == img.shape and (back == lab).mean() > 0.98
+    again = data.invert_volume(one_hot(torch.as_tensor(y).long(), 4).float(), info).argmax(0).numpy()
+    assert (again == back).all()  # the inversion info can be used again
     refine = s["refine"]
     assert [refine.alpha_for(k) for k in (1, 2, 4)] == [1.0, 0.5, 0.25]
     # the authors' code: epoch / 250 from the epoch it resumes at (200)
@@ -390,6 +392,47 @@ def test_labelled_batches_reshuffled_every_pass_and_optimizer_state_checks(tmp_p
     assert refine.load_optimizer_state(torch.optim.Adam(torch.nn.Linear(3, 2).parameters()), path) is None
     assert refine.load_optimizer_state(torch.optim.SGD(torch.nn.Linear(5, 2).parameters(), lr=0.1, momentum=0.99),
                                        path) is None  # buffers of another shape
+
+
+class _IdentityQC:
+    """Stands in for R in unit tests: the reconstruction is the prediction itself."""
+
+    target_spacing, image_size = [1.0, 1.0], 64
+
+    @staticmethod
+    def reconstruct(soft):
+        return soft.clone()
+
+
+@pytest.mark.parametrize("schedule", ["paper", "code"])
+def test_refinement_iteration_trains_under_cpu_amp(schedule, tmp_path):
+    """The custom refinement iteration in a MONAI SupervisedTrainer with AMP on (CPU autocast):
+    finite losses, the right terms for each schedule, weights updated."""
+    from ignite.engine import Events
+
+    s = _scripts()
+    torch.manual_seed(0)
+    net = s["net"].CardiacSegmenter(filters=(8, 16, 32, 64), deep_supr_num=2)
+    label = torch.zeros(4, 1, 64, 64)
+    label[:, :, 20:40, 20:40] = 1
+    label[:, :, 25:35, 42:50] = 3
+    labelled = [{"image": label / 3 + 0.1 * torch.randn_like(label), "label": label}]
+    ref = s["refine"].QCRefinement(net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), s["losses"].SegmenterLoss(),
+                                   labelled, [], _IdentityQC(), str(tmp_path), str(tmp_path), amp=True, alpha_schedule=schedule)
+    ref._labelled = s["refine"]._reshuffled(labelled)
+    ref._k = 2
+    before = [p.detach().clone() for p in net.parameters()]
+    batch = {"image": torch.randn(3, 1, 64, 64), "case": "x", "best": torch.softmax(torch.randn(3, 4, 64, 64), 1)}
+    steps = []
+    engine = ref._trainer([batch, batch], iteration_update=ref._semi_iteration)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(e.state.output))
+    engine.run()
+    assert engine.amp and len(steps) == 2 and all(math.isfinite(x["loss"]) for x in steps)
+    if schedule == "paper":
+        assert all(x["alpha"] == 0.5 and x["sup"] > 0 for x in steps)
+    else:
+        assert all(x["alpha"] == pytest.approx(201 / 250) and x["sup"] == 0 for x in steps)
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
 def test_layout_reader_nested_flat_and_unlabelled(tmp_path):

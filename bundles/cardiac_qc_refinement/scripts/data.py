@@ -14,6 +14,7 @@ the input's grid.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -201,7 +202,7 @@ def invert_volume(prob: torch.Tensor, info: Mapping[str, Any]) -> torch.Tensor:
     is 1 - their sum: whatever lies outside the network's view is background."""
     z, c, size, _ = prob.shape
     flat = MetaTensor(prob[:, 1:].reshape(z * (c - 1), size, size).float())
-    flat.applied_operations = [dict(op) for op in info["applied_operations"]]
+    flat.applied_operations = copy.deepcopy(info["applied_operations"])  # inverse() consumes its records
     for t in reversed(info["transforms"]):
         flat = t.inverse(flat)
     h, w, _ = info["shape"]

@@ -376,7 +376,8 @@ class QCInferer:
             else:
                 i, j = choice["models"]
                 soft = 0.5 * (res["softs"][i] + res["softs"][j])
-                selected = f"average({res['names'][i]},{res['names'][j]})"
+                # one candidate can be best by both: the "average" is that candidate
+                selected = res["names"][i] if i == j else f"average({res['names'][i]},{res['names'][j]})"
         else:
             choice, soft, selected = {"rule": "single"}, res["softs"][0], res["names"][0]
         out = invert_volume(soft, res["info"])[None].to(inputs.device)
