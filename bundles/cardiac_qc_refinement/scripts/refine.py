@@ -16,8 +16,9 @@ left alone. Otherwise, for k = 1 .. K_semi:
      (the code resumes at epoch 200 of 250: α 0.8, 0.804, ...), loss RV-only generalised Dice + RV
      cross-entropy, no L_SUP;
 4. validation loss on the labelled validation set (train.json's ``validate#evaluator``), whose
-   ``BestCheckpoints`` keeps the m_best refined models in ``models/candidates`` and the best as
-   ``models/model.pt``: inference selects among them.
+   ``BestCheckpoints`` keeps the m_best refined models, staged in ``models/refined``; at the end
+   they replace ``models/candidates`` and the best becomes ``models/model.pt``: inference selects
+   among them.
 
 The supervised models are kept in ``models/supervised`` (the ablation's M and {M}+QC).
 ``eval/refine/refine_log.json`` records the screenings, thresholds, losses and the kept models.
