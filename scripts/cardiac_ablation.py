@@ -27,9 +27,8 @@ from pathlib import Path
 
 import fire
 from bundle_cli import bundle_cmd, run_logged
+from phantoms import HIDDEN_LABELS
 from tables import write_csv
-
-HIDDEN_LABELS = "hidden_labels"  # scripts/phantoms.py: NNN_<view>_<phase>_gt_hidden.nii.gz
 
 BUNDLE = "cardiac_qc_refinement"
 #: RV Dice / HD (mm) of the authors' code on the M&Ms-2 test set (Codalab), METHODS §3
@@ -120,8 +119,9 @@ def _slug(name: str) -> str:
 
 
 def refinement_set(data_root: str, view: str, path: Path) -> Path | None:
-    """The unlabelled ``view`` volumes of ``data_root`` paired with their hidden reference labels,
-    written as a datalist JSON (None when there are none)."""
+    """The unlabelled ``view`` volumes of ``data_root`` paired with their hidden reference labels
+    (``HIDDEN_LABELS/NNN_<view>_<phase>_gt_hidden.nii.gz``, written by the cardiac phantom), as a
+    datalist JSON (None when there are none)."""
     hidden = Path(data_root).resolve() / HIDDEN_LABELS
     pairs = []
     for label in sorted(hidden.glob(f"*_{view}_*_gt_hidden.nii.gz")):

@@ -172,10 +172,9 @@ def preprocess_volume(image: np.ndarray | torch.Tensor, spacing: Sequence[float]
         img = img[..., None]
     h, w, z = img.shape
     chan = MetaTensor(img.permute(2, 0, 1).contiguous())  # slices as channels: every step is in-plane
-    crop = CropForeground(select_fn=lambda v: v != 0, margin=0, allow_smaller=True)
+    crop = CropForeground(select_fn=lambda v: v != 0, margin=0, allow_smaller=True, return_coords=True)
     pad = ResizeWithPadOrCrop(spatial_size=(size, size))
-    cropped = crop(chan)
-    start, stop = crop.compute_bounding_box(chan)
+    cropped, start, stop = crop(chan)
     if cropped.shape[1] == 0 or cropped.shape[2] == 0:  # an empty image: no box, keep the whole plane
         cropped, start, stop = chan.clone(), np.array([0, 0]), np.array([h, w])
         cropped.applied_operations = []

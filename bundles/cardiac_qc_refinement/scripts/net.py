@@ -51,7 +51,6 @@ class CardiacSegmenter(DynUNet):
             deep_supr_num=min(deep_supr_num, levels - 2),
         )
 
-
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if not self.deep_supervision:
             state_dict = {k: v for k, v in state_dict.items() if not _is_supervision_head(k)}
@@ -60,7 +59,7 @@ class CardiacSegmenter(DynUNet):
 
 def _is_supervision_head(key: str) -> bool:
     """State-dict keys of DynUNet's deep-supervision heads (also reached through the skip layers)."""
-    return key.startswith("deep_supervision_heads.") or ".super_head." in key or key.startswith("super_head.")
+    return key.startswith("deep_supervision_heads.") or ".super_head." in key
 
 
 def _block(conv: nn.Module, last: bool) -> list[nn.Module]:

@@ -292,7 +292,9 @@ class QCInferer:
             out["pHD_mm"][name] = qc_measures(a, b, mm)[1]
         return out
 
-    def _prepare(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict, float, str]:
+    def prepare(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict, float, str]:
+        """A loaded volume ``(1, 1, H, W, Z)`` or ``(1, H, W, Z)`` -> network input, inversion info,
+        z spacing in units of the in-plane target spacing, file name."""
         vol = inputs[0] if inputs.ndim == 5 else inputs  # (1, H, W, Z)
         spacing = spacing_from_meta(vol)
         meta = getattr(vol, "meta", {}) or {}
@@ -302,7 +304,7 @@ class QCInferer:
         return x, info, z_ratio, name
 
     def evaluate_candidates(self, inputs: torch.Tensor, network: torch.nn.Module) -> dict[str, Any]:
-        x, info, z_ratio, name = self._prepare(inputs)
+        x, info, z_ratio, name = self.prepare(inputs)
         nets, names = self.candidates(network)
         t0 = time.perf_counter()
         softs = [self.predict(n, x) for n in nets]
@@ -365,7 +367,7 @@ class QCInferer:
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
         res = self.evaluate_candidates(inputs, network)
         th = self.current_thresholds()
-        th_low, th_up = thresholds_of(th, phase_of(res["name"]))
+        th_up = thresholds_of(th, phase_of(res["name"]))[1]
         pdcs = [m["pDC"]["RV"] for m in res["measures"]]
         phds = [m["pHD"]["RV"] for m in res["measures"]]
         if pdcs and self.use_qc:

@@ -47,7 +47,7 @@ from monai.transforms import EnsureChannelFirst, LoadImage
 from shared_transforms.files import write_json
 from shared_transforms.handlers import atomic_torch_save
 
-from .data import phase_of, preprocess_volume, spacing_from_meta
+from .data import phase_of
 from .handlers import GradientClip
 from .losses import generalized_dice_loss
 from .qc import _json_safe, load_candidates, select_candidate, thresholds_of
@@ -160,19 +160,20 @@ class QCRefinement:
         load = LoadImage(image_only=True)
         vols = []
         for d in self.unlabelled:
-            img = EnsureChannelFirst()(load(d["image"]))
-            sp = spacing_from_meta(img)
-            x, _, _ = preprocess_volume(np.asarray(img)[0], sp, self.inferer.target_spacing, self.inferer.image_size)
+            x, _, z_ratio, _ = self.inferer.prepare(EnsureChannelFirst()(load(d["image"])))
             vols.append({"image": d["image"], "case": d.get("case", Path(d["image"]).name), "x": x,
-                         "z_ratio": sp[2] / self.inferer.target_spacing[0], "phase": phase_of(d["image"])})
+                         "z_ratio": z_ratio, "phase": phase_of(d["image"])})
         return vols
 
     def _screen(self, vols: list[dict], others: list[torch.nn.Module]) -> dict[str, Any]:
-        """pDC/pHD of the current model and the other candidates on every unlabelled volume; the
-        thresholds over the set; the OoD verdicts; the QC-selected soft map of each OoD volume."""
+        """pDC/pHD of the current model and the other candidates on every unlabelled volume (the
+        others' are computed once and kept in ``vols``); the thresholds over the set; the OoD
+        verdicts; the QC-selected soft map of each OoD volume (``alpha_schedule: "code"``)."""
         rows, softs, nets = [], {}, [self.network, *others]
         for v in vols:  # measures only: the soft maps of a whole set would not fit in memory
-            ms = [self.inferer.measures(self.inferer.predict(n, v["x"]), v["z_ratio"]) for n in nets]
+            if "others" not in v:  # the other candidates do not change: measured once, at the first screening
+                v["others"] = [self.inferer.measures(self.inferer.predict(n, v["x"]), v["z_ratio"]) for n in others]
+            ms = [self.inferer.measures(self.inferer.predict(self.network, v["x"]), v["z_ratio"]), *v["others"]]
             rows.append({"case": v["case"], "phase": v["phase"], "pDC": [m["pDC"]["RV"] for m in ms],
                          "pHD": [m["pHD"]["RV"] for m in ms]})
         th = self.inferer.thresholds_for(rows)
