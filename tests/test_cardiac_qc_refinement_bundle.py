@@ -140,6 +140,15 @@ def test_losses_match_hand_computations():
     eps_rv = 1e-5 * target[:, 3].sum() ** 2  # the smoothing term, divided by RV's weight 1/ref^2
     rv = 1 - (2 * (probs[:, 3] * target[:, 3]).sum() + eps_rv) / ((probs[:, 3] + target[:, 3]).sum() + eps_rv)
     assert rv_only == pytest.approx(float(rv), rel=1e-4)  # RV alone: plain Dice of the RV channel
+    # the paper's size (batch 20, 256²): 1/ref² weights are ~1e-9..1e-12 there; MONAI's smoothing
+    # terms (1e-5) must not swamp them: within 1% of the exact, unsmoothed generalised Dice
+    big = torch.zeros(20, 1, 256, 256, dtype=torch.long)
+    big[:, :, 100:160, 100:160], big[:, :, 90:170, 90:100], big[:, :, 110:150, 60:85] = 1, 2, 3
+    big_t = one_hot(big, 4).float()
+    big_p = torch.softmax(torch.randn(20, 4, 256, 256), 1)
+    w = 1.0 / big_t.sum((0, 2, 3)) ** 2
+    exact = 1 - 2 * (w * (big_p * big_t).sum((0, 2, 3))).sum() / (w * (big_p + big_t).sum((0, 2, 3))).sum()
+    assert float(GeneralizedDiceLoss(batch=True)(big_p, big_t)) == pytest.approx(float(exact), rel=0.01)
     qc = losses.QCLoss()(probs, target)
     assert float(qc) == pytest.approx(float(torch.mean((probs - target) ** 2) + gd_ce(heads[:, 0])
                                             - torch.nn.functional.cross_entropy(heads[:, 0], label[:, 0])), rel=1e-5)
