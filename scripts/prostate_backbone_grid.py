@@ -11,16 +11,16 @@ Writes ``table2.csv``, ``table2.md`` and ``table2_heatmap.png`` into OUT_DIR.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import fire
 import numpy as np
 from bundle_cli import bundle_cmd, run_logged
-from tables import heatmap, write_csv
+from shared_transforms.datalist import PROSTATE_SITES
+from tables import best_val_dice, heatmap, write_csv
 
 BUNDLE = "prostate_mri_transfer"
-SITE_FOLDERS = {"A": "RUNMC", "B": "BMC", "C": "I2CVB"}
+SITE_FOLDERS = PROSTATE_SITES
 ARCHS = ("Unet", "UnetPlusPlus", "MAnet", "DeepLabV3")
 ENCODERS = ("efficientnet-b0", "efficientnet-b1", "efficientnet-b2", "efficientnet-b3", "resnet18", "resnet34", "resnet50")
 
@@ -77,22 +77,22 @@ def main(
                                      encoder=encoder, fold=fold, **common)
                     run_logged(cmd, root / "train.log")
                     (root / "done").write_text("ok\n")
-                curve = list(csv.DictReader(open(root / "eval" / "learning_curves.csv")))
-                scores.append(100 * max(float(r["val_mean_dice"]) for r in curve))
+                scores.append(100 * best_val_dice(root / "eval" / "learning_curves.csv"))
             paper = PAPER.get(encoder, {}).get(arch, (None, None))
             rows.append({"encoder": encoder, "arch": arch, "val_dice_mean": round(float(np.mean(scores)), 2),
                          "val_dice_std": round(float(np.std(scores)), 2), "folds": len(scores),
                          "paper_mean": paper[0], "paper_std": paper[1]})
-    write_tables(rows, out, site, epochs)
+    write_tables(rows, out, site, epochs, pretrained or bool(common.get("pretrained_path")))
 
 
-def write_tables(rows: list[dict], out: Path, site: str, epochs: int) -> None:
+def write_tables(rows: list[dict], out: Path, site: str, epochs: int, imagenet: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "table2.csv")
     archs = list(dict.fromkeys(r["arch"] for r in rows))
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
     cell = {(r["encoder"], r["arch"]): r for r in rows}
-    lines = [f"Validation Dice % on site {site}, mean ± std over folds ({epochs} epochs); paper in brackets.", "",
+    start = "ImageNet encoder weights" if imagenet else "randomly initialised encoders (scratch; the paper used ImageNet weights)"
+    lines = [f"Validation Dice % on site {site}, mean ± std over folds ({epochs} epochs, {start}); paper in brackets.", "",
              "| encoder | " + " | ".join(archs) + " |", "|---|" + "---:|" * len(archs)]
     for enc in encoders:
         cells = []

@@ -1,6 +1,8 @@
 """Table III of the prostate in-domain transfer paper, through the prostate_mri_transfer bundle.
 
-For every target site T in {A, B, C} (A = RUNMC, B = BMC, C = I2CVB):
+For every target site T in {A, B, C} (A = RUNMC, B = BMC, C = I2CVB), with INIT the first
+stage's encoder initialisation ("ImageNet" with ``--pretrained True`` or a ``pretrained_path``
+override, as in the paper; otherwise "scratch", and the rows say so):
   - baseline:             ImageNet -> T
   - single-source chains: ImageNet -> S -> T        for each other site S
   - double chains:        ImageNet -> S1 -> S2 -> T for both orders of the two other sites
@@ -18,17 +20,17 @@ paper. Writes ``table3.csv``, ``table3.md`` (ours beside the paper's numbers) an
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import fire
 import numpy as np
 from bundle_cli import bundle_cmd, run_logged
-from tables import heatmap, write_csv
+from shared_transforms.datalist import PROSTATE_SITES
+from tables import best_val_dice, heatmap, write_csv
 
 BUNDLE = "prostate_mri_transfer"
-SITE_FOLDERS = {"A": "RUNMC", "B": "BMC", "C": "I2CVB"}
+SITE_FOLDERS = PROSTATE_SITES
 ALL = "All_Data"
 
 #: Table III of the paper: (source chain, target) -> (Dice %, IoU %); the baseline is the chain ()
@@ -50,8 +52,13 @@ def chains_for(target: str) -> list[tuple[str, ...]]:
     return [(), *[(s,) for s in others], (others[0], others[1]), (others[1], others[0]), (ALL,)]
 
 
-def chain_name(chain: tuple[str, ...]) -> str:
-    return "ImageNet" if not chain else " → ".join(f"Site {s}" if s != ALL else ALL for s in chain)
+def init_name(pretrained: bool, overrides: dict | None = None) -> str:
+    """The first stage's initialisation as the tables name it: ImageNet weights only when they are really loaded."""
+    return "ImageNet" if pretrained or (overrides or {}).get("pretrained_path") else "scratch"
+
+
+def chain_name(chain: tuple[str, ...], init: str = "ImageNet") -> str:
+    return init if not chain else " → ".join(f"Site {s}" if s != ALL else ALL for s in chain)
 
 
 class Grid:
@@ -61,12 +68,13 @@ class Grid:
         self.common = {"dataset_dir": self.data_root, "epochs": epochs, "seed": seed, **overrides}
         self.common.setdefault("cache_dir", str(self.out / "cache"))
         self.pretrained = pretrained
+        self.init = init_name(pretrained, overrides)
 
     def stage_dir(self, stages: tuple[str, ...], fold: int) -> Path:
-        return self.out / "runs" / f"fold{fold}" / ("ImageNet_" + "_".join(stages))
+        return self.out / "runs" / f"fold{fold}" / (f"{self.init}_" + "_".join(stages))
 
     def train(self, stages: tuple[str, ...], fold: int) -> Path:
-        """Train the chain ImageNet -> stages[0] -> ... (each stage trained once); return its folder."""
+        """Train the chain INIT -> stages[0] -> ... (each stage trained once); return its folder."""
         root = self.stage_dir(stages, fold)
         if (root / "models" / "model.pt").is_file() and (root / "done").is_file():
             return root
@@ -77,14 +85,10 @@ class Grid:
         else:
             source = self.train(stages[:-1], fold) / "models" / "model.pt"
             cmd = bundle_cmd(BUNDLE, ["train.json", "finetune.json"], "training", source_ckpt=str(source), **args)
-        print(f"\n--- fold {fold}: train ImageNet → {' → '.join(stages)} ---", flush=True)
+        print(f"\n--- fold {fold}: train {self.init} → {' → '.join(stages)} ---", flush=True)
         run_logged(cmd, root / "train.log")
         (root / "done").write_text("ok\n")
         return root
-
-    def best_val_dice(self, root: Path) -> float:
-        rows = list(csv.DictReader(open(root / "eval" / "learning_curves.csv")))
-        return max(float(r["val_mean_dice"]) for r in rows)
 
     def test(self, root: Path, target: str, fold: int) -> dict:
         """Evaluate a trained model on the target site's held-out test cases."""
@@ -126,24 +130,27 @@ def main(
             candidates = []
             for fold in folds:
                 root = grid.train(stages, fold)
-                candidates.append((grid.best_val_dice(root), fold, root))
+                candidates.append((best_val_dice(root / "eval" / "learning_curves.csv"), fold, root))
             val_dice, fold, root = max(candidates)
             metrics = grid.test(root, target, fold)
             paper = PAPER.get((chain, target), (None, None))
             rows.append({
-                "source": chain_name(chain), "target": f"Site {target}", "fold": fold,
+                "source": chain_name(chain, grid.init), "target": f"Site {target}", "fold": fold,
                 "val_dice": round(100 * val_dice, 2), "test_dice": round(metrics["mean_dice"], 2),
                 "test_iou": round(metrics["mean_iou"], 2), "paper_dice": paper[0], "paper_iou": paper[1],
             })
-            print(f"==> {chain_name(chain)} → Site {target}: test Dice {metrics['mean_dice']:.2f} (paper {paper[0]})", flush=True)
-    write_tables(rows, Path(out_dir).resolve(), epochs, folds)
+            print(f"==> {chain_name(chain, grid.init)} → Site {target}: test Dice {metrics['mean_dice']:.2f} (paper {paper[0]})", flush=True)
+    write_tables(rows, Path(out_dir).resolve(), epochs, folds, grid.init)
 
 
-def write_tables(rows: list[dict], out: Path, epochs: int, folds) -> None:
+def write_tables(rows: list[dict], out: Path, epochs: int, folds, init: str = "ImageNet") -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "table3.csv")
+    start = ("ImageNet encoder weights" if init == "ImageNet"
+             else "a randomly initialised encoder (scratch; the paper started from ImageNet weights)")
     lines = [
-        f"Test Dice/IoU (%) per target site; {epochs} epochs per stage, best of folds {list(folds)} by validation Dice.",
+        f"Test Dice/IoU (%) per target site; {epochs} epochs per stage, best of folds {list(folds)} by validation Dice;"
+        f" every chain starts from {start}.",
         "",
         "| source weights | target | fold | Dice % | IoU % | paper Dice % | paper IoU % |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -41,18 +41,18 @@ def prostate_mri_transfer(out: Path, epochs: int) -> dict:
     log = root / "quickstart.log"
     data = out / "data" / "prostate"
     make_phantoms("prostate", data, log, cases_per_site=8, shape="(64,64,12)")
-    small = dict(bundle_root=str(root), dataset_dir=str(data), image_size=64, encoder="timm-efficientnet-b0", batch_size=8)
+    small = dict(bundle_root=str(root), dataset_dir=str(data), image_size=64, encoder="efficientnet-b0", batch_size=8)
     run_logged(bundle_cmd(bundle, ["train.json"], "training", sites=["RUNMC"], epochs=epochs, resume=False, **small), log)
     run_logged(bundle_cmd(bundle, ["train.json", "evaluate.json"], "evaluating", sites=["RUNMC"], **small), log)
     infer_out = root / "eval" / "inference"
     run_logged(
         bundle_cmd(
             bundle, ["inference.json"], "run", bundle_root=str(root), dataset_dir=str(data / "BMC"),
-            output_dir=str(infer_out), image_size=64, encoder="timm-efficientnet-b0",
+            output_dir=str(infer_out), image_size=64, encoder="efficientnet-b0",
         ),
         log,
     )
-    return _result(bundle, root, infer_out, overrides={"image_size": 64, "encoder": "timm-efficientnet-b0"})
+    return _result(bundle, root, infer_out, overrides={"image_size": 64, "encoder": "efficientnet-b0"})
 
 
 def liver_ct_mri_transfer(out: Path, epochs: int) -> dict:

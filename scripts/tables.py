@@ -9,6 +9,15 @@ from pathlib import Path
 import numpy as np
 
 
+def best_val_dice(curves_csv: Path, metric: str = "val_mean_dice") -> float:
+    """Best validation metric of a run, read from the ``learning_curves.csv`` its bundle wrote."""
+    with open(curves_csv, newline="") as f:
+        values = [float(r[metric]) for r in csv.DictReader(f) if r.get(metric) not in (None, "", "nan")]
+    if not values:
+        raise ValueError(f"{curves_csv}: no '{metric}' value (did validation run?)")
+    return max(values)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     """Rows as CSV; the columns are every key of any row, in first-seen order (missing cells empty)."""
     with open(path, "w", newline="") as f:

@@ -25,7 +25,7 @@ _EXPORTS = {
     "SelectSlices": "slices",
     "SelectSlicesd": "slices",
 }
-_SUBMODULES = ("datalist", "datasets", "files", "handlers", "labels", "n4", "slices")
+_SUBMODULES = ("datalist", "datasets", "files", "handlers", "labels", "n4", "slices", "utils")
 
 __all__ = [
     "__version__",

@@ -21,9 +21,12 @@ import numpy as np
 
 from .files import BAD_CASES_FILE, write_json  # noqa: F401  (re-exported: bundles import them from here)
 
-__all__ = ["check_case", "scan_cases", "split_cases", "fold_datalist", "write_json", "list_images", "BAD_CASES_FILE"]
+__all__ = ["PROSTATE_SITES", "check_case", "scan_cases", "split_cases", "fold_datalist", "write_json", "list_images", "BAD_CASES_FILE"]
 
 logger = logging.getLogger(__name__)
+
+#: the multi-site prostate data (NCI-ISBI 2013 + I2CVB): the paper's site letter -> folder name
+PROSTATE_SITES = {"A": "RUNMC", "B": "BMC", "C": "I2CVB"}
 
 
 def _load_shape(path: str) -> tuple[int, ...]:

@@ -6,6 +6,8 @@
   CSV and a PNG plot.
 - :class:`SegmentationReport`: per-case Dice and IoU (%) of binary predictions to CSV,
   JSON and Markdown, plus PNG overlays of a few slices.
+- :class:`CaseDice`: the same per-case Dice (pooled over a case's slices, mean over cases)
+  as an ignite metric, so validation selects models on the definition the test table reports.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.metrics import Metric
 from shared_transforms.files import write_json
+from shared_transforms.utils import unwrap_model
 
-__all__ = ["ResumeCheckpoint", "LearningCurves", "SegmentationReport", "atomic_torch_save"]
+__all__ = ["ResumeCheckpoint", "LearningCurves", "SegmentationReport", "CaseDice", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +51,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _unwrap(obj: Any) -> Any:
-    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
 
 
 class ResumeCheckpoint:
@@ -98,7 +98,7 @@ class ResumeCheckpoint:
         if missing:  # written by an older version that did not save them: resume the rest, say what starts afresh
             logger.warning("%s has no %s (an older checkpoint): they start afresh", self.path, missing)
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load={k: _unwrap(v) for k, v in self.save_dict.items() if k in state}, checkpoint=state)
+        Checkpoint.load_objects(to_load={k: unwrap_model(v) for k, v in self.save_dict.items() if k in state}, checkpoint=state)
         engine.state.max_epochs = max_epochs  # a resumed run may be asked for more epochs than the first
         logger.info(
             "resumed from %s at epoch %d (iteration %d)", self.path, engine.state.epoch, engine.state.iteration
@@ -106,12 +106,15 @@ class ResumeCheckpoint:
 
     def save(self, engine) -> None:
         if _is_main_process():
-            state = {k: _unwrap(v).state_dict() for k, v in self.save_dict.items()}
+            state = {k: unwrap_model(v).state_dict() for k, v in self.save_dict.items()}
             atomic_torch_save({**state, "fingerprint": self.fingerprint}, self.path)
 
 
 class LearningCurves:
     """Write ``learning_curves.csv`` and ``learning_curves.png`` after every training epoch.
+
+    A resumed run keeps the rows of the epochs it resumes after (attach it after
+    :class:`ResumeCheckpoint`, whose ``STARTED`` handler restores the epoch), so the curves are whole.
 
     Args:
         output_dir: where the two files go.
@@ -131,8 +134,20 @@ class LearningCurves:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        engine.add_event_handler(Events.STARTED, self._keep_earlier_rows)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._record_loss)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _keep_earlier_rows(self, engine) -> None:
+        """On a resumed run (attached after the resume handler), keep the CSV's rows up to the resumed epoch."""
+        path = self.output_dir / "learning_curves.csv"
+        self.rows = []
+        if engine.state.epoch > 0 and path.is_file():
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    if int(row["epoch"]) <= engine.state.epoch:
+                        self.rows.append({k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
+            logger.info("learning curves: kept %d epochs from before the resume", len(self.rows))
 
     def _record_loss(self, engine) -> None:
         out = engine.state.output
@@ -210,6 +225,23 @@ def dice_iou(tp: float, fp: float, fn: float) -> tuple[float, float]:
     return 2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
 
 
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def binary_items(engine, case_key: str = "case", pred_key: str = "pred", label_key: str = "label"):
+    """Yield ``(case, pred, label, item)`` for each decollated output item of an evaluator iteration.
+
+    ``pred``/``label`` are the first channel thresholded at 0.5 (numpy bool). The case name comes
+    from the item or, as the engine's output holds tensors only, from the decollated batch.
+    """
+    items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+    batch = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(items)
+    for item, data in zip(items, batch):
+        case = str(item.get(case_key, data.get(case_key, "unknown")))
+        yield case, _np(item[pred_key])[0] > 0.5, _np(item[label_key])[0] > 0.5, item
+
+
 class SegmentationReport:
     """Per-case Dice/IoU (%) of binary 2D predictions, pixel-wise over all of a case's slices.
 
@@ -248,25 +280,15 @@ class SegmentationReport:
         self.counts.clear()
         self._best_slice.clear()
 
-    @staticmethod
-    def _np(x) -> np.ndarray:
-        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
     def update(self, engine) -> None:
-        items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        # the engine's output holds tensors only; identifiers such as the case name stay in the batch
-        batch = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(items)
-        for item, data in zip(items, batch):
-            pred = self._np(item[self.pred_key])[0] > 0.5
-            label = self._np(item[self.label_key])[0] > 0.5
-            case = str(item.get(self.case_key, data.get(self.case_key, "unknown")))
+        for case, pred, label, item in binary_items(engine, self.case_key, self.pred_key, self.label_key):
             tp = float(np.logical_and(pred, label).sum())
             fp = float(np.logical_and(pred, ~label).sum())
             fn = float(np.logical_and(~pred, label).sum())
             self.counts[case] += (tp, fp, fn, 1)
             area = float(label.sum())
             if area > self._best_slice.get(case, (-1.0, None))[0]:
-                image = self._np(item[self.image_key])[0] if self.image_key in item else pred.astype(float)
+                image = _np(item[self.image_key])[0] if self.image_key in item else pred.astype(float)
                 self._best_slice[case] = (area, {"image": image, "label": label, "pred": pred, "tp": tp, "fp": fp, "fn": fn})
 
     def summary(self) -> dict[str, Any]:
@@ -319,3 +341,44 @@ class SegmentationReport:
             result["n_cases"], result["mean_dice"], result["std_dice"], result["mean_iou"], result["std_iou"], out,
         )
         return result
+
+
+class CaseDice(Metric):
+    """Mean over cases of each case's Dice, pooled over all of its slices (the test table's ``mean_dice``, as a fraction).
+
+    An ignite ``Metric`` (``key_val_metric`` of a bundle's evaluator): per iteration it adds each
+    slice's true/false positives and false negatives to its case (see :func:`binary_items`); at
+    the end of the epoch the per-case Dice (1 for a case with neither prediction nor truth) is
+    averaged over cases. Counts are merged across processes under DDP, where one case's slices
+    may be split between ranks. Per-slice Dice (MONAI ``MeanDice`` on 2D slices) weighs a small
+    apex slice like a mid-gland one and skips empty ones: a different number from the report's.
+    """
+
+    def __init__(self, case_key: str = "case", pred_key: str = "pred", label_key: str = "label") -> None:
+        self.case_key, self.pred_key, self.label_key = case_key, pred_key, label_key
+        self.counts: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3))
+        super().__init__(output_transform=lambda x: x)
+
+    def reset(self) -> None:
+        self.counts = defaultdict(lambda: np.zeros(3))
+
+    def update(self, output) -> None:
+        """Unused: the case names are in the engine's batch, so :meth:`iteration_completed` reads the engine."""
+
+    def iteration_completed(self, engine) -> None:
+        for case, pred, label, _ in binary_items(engine, self.case_key, self.pred_key, self.label_key):
+            self.counts[case] += (np.logical_and(pred, label).sum(), np.logical_and(pred, ~label).sum(),
+                                  np.logical_and(~pred, label).sum())
+
+    def compute(self) -> float:
+        counts = dict(self.counts)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, counts)
+            counts = defaultdict(lambda: np.zeros(3))
+            for part in gathered:
+                for case, c in part.items():
+                    counts[case] += c
+        if not counts:
+            return math.nan
+        return float(np.mean([dice_iou(*c)[0] for c in counts.values()]))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from monai.config import DtypeLike, KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor, get_track_meta
-from monai.transforms import MapTransform, Transform
+from monai.transforms import MapLabelValue, MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor, get_equivalent_dtype
 
 __all__ = ["MergeLabels", "MergeLabelsd"]
@@ -37,7 +37,7 @@ def _fmt(value: float) -> str:
 
 
 class MergeLabels(Transform):
-    """Map label values to new values, all at once.
+    """Map label values to new values, all at once (MONAI ``MapLabelValue``, plus JSON keys and strict checking).
 
     ``{1: 1, 2: 1}`` merges central gland (1) and peripheral zone (2) into one foreground;
     ``{1: 2, 2: 1}`` swaps them (the mapping is applied simultaneously, not in sequence).
@@ -79,10 +79,9 @@ class MergeLabels(Transform):
                     f"not covered by mapping {self.mapping}."
                 )
         dtype = data.dtype if self.dtype is None else get_equivalent_dtype(self.dtype, torch.Tensor)
-        out = data.to(dtype=dtype, copy=True)
-        # masks from the unmodified input, so that e.g. {1: 2, 2: 1} swaps instead of chaining
-        for old, new in self.mapping.items():
-            out[data == old] = new
+        # MONAI's MapLabelValue (torch backend for a torch dtype) takes every mask from the input,
+        # so that e.g. {1: 2, 2: 1} swaps instead of chaining
+        out = MapLabelValue(list(self.mapping), list(self.mapping.values()), dtype=dtype)(data)
         return convert_to_dst_type(out, dst=img_t, dtype=dtype)[0]
 
 

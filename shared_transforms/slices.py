@@ -14,18 +14,11 @@ from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_tensor
 
+from .utils import source_name
+
 __all__ = ["SelectSlices", "SelectSlicesd"]
 
 logger = logging.getLogger(__name__)
-
-
-def _source_name(*imgs: Any) -> str:
-    """First file name found in MONAI metadata, for messages; ``"<array>"`` when unknown."""
-    for img in imgs:
-        meta = getattr(img, "meta", None) or {}
-        if "filename_or_obj" in meta:
-            return str(meta["filename_or_obj"])
-    return "<array>"
 
 
 class SelectSlices(Transform):
@@ -107,7 +100,7 @@ class SelectSlices(Transform):
         _check_slice_count(img, label, self.spatial_axis(len(img.shape)), self.spatial_axis(len(label.shape)))
         idx = self.indices(label)
         if not idx:
-            logger.warning("SelectSlices: no slice of %s has label area > %s", _source_name(img, label), self.min_area)
+            logger.warning("SelectSlices: no slice of %s has label area > %s", source_name(img, label), self.min_area)
         return [self.extract(img, k) for k in idx]
 
 
@@ -115,7 +108,7 @@ def _check_slice_count(img: Any, label: Any, img_axis: int, label_axis: int) -> 
     if img.shape[img_axis + 1] != label.shape[label_axis + 1]:
         raise ValueError(
             f"image {tuple(img.shape)} and label {tuple(label.shape)} have different numbers of slices "
-            f"along the slicing axis ({_source_name(img, label)})."
+            f"along the slicing axis ({source_name(img, label)})."
         )
 
 
@@ -167,7 +160,7 @@ class SelectSlicesd(MapTransform):
 
         idx = self.selector.indices(label)
         if not idx:
-            name = _source_name(*(d[k] for k in keys))
+            name = source_name(*(d[k] for k in keys))
             logger.warning("SelectSlicesd: no slice of %s has label area > %s", name, self.selector.min_area)
         out = []
         for k in idx:

@@ -18,12 +18,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLES, bundle_run, make_phantoms, run
+from helpers import BUNDLES, REPO, bundle_run, make_phantoms, run
 
 BUNDLE = "prostate_mri_transfer"
 CONFIGS = BUNDLES / BUNDLE / "configs"
 # small but real: the paper's UNet++ with the smallest EfficientNet at 64×64
-ENCODER = "timm-efficientnet-b0"  # timm BatchNorm momentum 0.1: running stats settle within a short run
+ENCODER = "efficientnet-b0"  # the default family (EfficientNet-B3 is its big sibling); bn_momentum 0.1 by default
 SMALL = {"image_size": 64, "encoder": ENCODER, "batch_size": 8}
 EPOCHS = 20
 
@@ -215,8 +215,66 @@ def test_pretrained_path_loads_a_local_imagenet_encoder(tmp_path):
         assert all(torch.equal(got[k], ref[k]) for k in ref if k != "conv1.weight" and k in got)
         fresh = ProstateSegNet(arch="Unet", encoder_name="resnet18")
         assert not torch.equal(fresh.model.encoder.state_dict()["layer1.0.conv1.weight"], ref["layer1.0.conv1.weight"])
+        # the published checkpoint's classifier is ignored, as smp does
+        torch.save({{**source.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}}, "with_fc.pt")
+        ProstateSegNet(arch="Unet", encoder_name="resnet18", pretrained_path="with_fc.pt")
+        # a partial match (another encoder's file, a truncated one) is refused, never half-loaded
+        partial = {{k: v for k, v in source.state_dict().items() if not k.startswith("layer4")}}
+        torch.save(partial, "partial.pt")
+        try:
+            ProstateSegNet(arch="Unet", encoder_name="resnet18", pretrained_path="partial.pt")
+            raise AssertionError("a partial encoder checkpoint was accepted")
+        except ValueError as e:
+            assert "partial.pt is not a complete 'resnet18' encoder" in str(e) and "missing" in str(e), e
+        torch.save(smp.encoders.get_encoder("resnet34", in_channels=3, weights=None).state_dict(), "resnet34.pt")
+        try:
+            ProstateSegNet(arch="Unet", encoder_name="resnet18", pretrained_path="resnet34.pt")
+            raise AssertionError("another encoder's checkpoint was accepted")
+        except ValueError as e:
+            assert "unexpected" in str(e), e
         print("PRETRAINED_OK")
         """
     )
     proc = run([sys.executable, "-c", check], cwd=tmp_path)
     assert "PRETRAINED_OK" in proc.stdout
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "prostate"
+
+
+@pytest.mark.skipif(not (REAL / "RUNMC").is_dir(), reason="../shared/data/prostate is absent (see its README)")
+def test_real_scans_short_training_eval_mode_and_inference(tmp_path):
+    """Three real NCI-ISBI T2 volumes: train briefly on two (training + validation), infer on all three.
+
+    The model must work in eval mode (BatchNorm running statistics) as well as with batch
+    statistics after a short run, and the held-out case's mask keeps the scan's geometry and
+    overlaps the gland.
+    """
+    args = dict(dataset_dir=str(REAL), sites=["RUNMC"], n_folds=2, image_size=128, encoder=ENCODER, batch_size=4,
+                cache_dir=str(tmp_path / "cache"))
+    bundle_run(BUNDLE, ["train.json"], cwd=tmp_path, run_id="training", bundle_root=str(tmp_path), epochs=30, **args)
+    run([sys.executable, str(REPO / "scripts" / "prostate_bn_check.py"), "score", str(tmp_path), "--overrides", repr(args)],
+        cwd=tmp_path)
+    rows = {r["case"]: r for r in json.loads((tmp_path / "eval" / "bn_score.json").read_text())}
+    datalist = json.loads((tmp_path / "eval" / "datalist.json").read_text())
+    trained = [c["case"] for c in datalist["training"]]
+    for case in trained:
+        r = rows[case]
+        assert r["train_mode_dice"] > 50, r
+        assert abs(r["eval_dice"] - r["train_mode_dice"]) < 10, r  # running statistics caught up
+
+    test_case = datalist["test"][0]
+    held_out = tmp_path / "held_out"  # the test case alone (inference reads every image of a folder)
+    held_out.mkdir()
+    (held_out / Path(test_case["image"]).name).symlink_to(test_case["image"])
+    out = tmp_path / "pred"
+    bundle_run(BUNDLE, ["inference.json"], cwd=tmp_path, run_id="run", bundle_root=str(tmp_path),
+               dataset_dir=str(held_out), output_dir=str(out), image_size=128, encoder=ENCODER)
+    image = nib.load(test_case["image"])
+    pred = nib.load(out / Path(test_case["image"]).name.replace(".nii.gz", "_seg.nii.gz"))
+    assert pred.shape == image.shape
+    np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
+    mask, gland = np.asanyarray(pred.dataobj) > 0, np.asanyarray(nib.load(test_case["label"]).dataobj) > 0
+    dice = 2 * (mask & gland).sum() / (mask.sum() + gland.sum())
+    print(f"held-out real case {test_case['case']}: Dice {100 * dice:.1f} %; per case {rows}")
+    assert dice > 0.15, dice

@@ -221,3 +221,129 @@ def test_slice_dataset_flattens_caches_and_skips_broken_cases(tmp_path):
     pixels = np.concatenate([np.asarray(d["image"]).ravel() for d in data if d["image"] is not None])
     stats = ds.intensity_stats()
     assert stats["mean"] == pytest.approx(pixels.mean(), rel=1e-6) and stats["std"] == pytest.approx(pixels.std(), rel=1e-5)
+
+
+def test_slice_cache_follows_files_settings_and_code_not_runtime_state(tmp_path):
+    """The N4 cache key: a regenerated file or a changed setting recomputes; a reused chain hits."""
+    from monai.transforms import Compose, LoadImaged
+    from shared_transforms import N4BiasFieldCorrectiond, SelectSlicesd
+    from shared_transforms.datasets import SliceDataset, transform_hash
+
+    def chain(shrink: int = 2) -> Compose:
+        return Compose([LoadImaged(["image", "label"], ensure_channel_first=True, image_only=True),
+                        _Counting(), N4BiasFieldCorrectiond("image", shrink_factor=shrink),
+                        SelectSlicesd(["image", "label"], label_key="label", min_area=0)])
+
+    rng = np.random.default_rng(0)
+    image, label = tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz"
+    lab = np.zeros((24, 24, 3), np.uint8)
+    lab[8:16, 8:16] = 1
+    nib.save(nib.Nifti1Image(rng.uniform(50, 100, (24, 24, 3)).astype(np.float32), np.eye(4)), image)
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), label)
+    data, cache = [{"image": str(image), "label": str(label)}], str(tmp_path / "cache")
+
+    _Counting.calls = 0
+    used = chain()
+    before = transform_hash(used.flatten().transforms)
+    first = SliceDataset(data, used, cache_dir=cache)
+    assert _Counting.calls == 1
+    assert transform_hash(used.flatten().transforms) == before, "running a chain must not change its key"
+    SliceDataset(data, used, cache_dir=cache)  # the same, already used Compose: a cache hit
+    SliceDataset(data, chain(), cache_dir=cache)  # an equal new Compose: a hit
+    assert _Counting.calls == 1
+    SliceDataset(data, chain(shrink=3), cache_dir=cache)  # another N4 setting: recomputed
+    assert _Counting.calls == 2
+
+    # the same path, regenerated with other content: recomputed, and the new content is served
+    nib.save(nib.Nifti1Image(rng.uniform(150, 200, (24, 24, 3)).astype(np.float32), np.eye(4)), image)
+    regenerated = SliceDataset(data, chain(), cache_dir=cache)
+    assert _Counting.calls == 3
+    assert float(regenerated[0]["image"].mean()) > 1.4 * float(first[0]["image"].mean())
+
+
+class _Counting(Transform):
+    """Identity, counting its calls (how often the cached chain really runs)."""
+
+    calls = 0
+
+    def __call__(self, data):
+        type(self).calls += 1
+        return data
+
+
+def test_transform_hash_covers_project_code(monkeypatch):
+    from shared_transforms import N4BiasFieldCorrectiond
+    from shared_transforms import datasets
+
+    chain = [N4BiasFieldCorrectiond("image")]
+    before = datasets.transform_hash(chain)
+    monkeypatch.setattr(datasets, "_code_version", lambda cls: "edited")
+    assert datasets.transform_hash(chain) != before
+
+
+def test_case_dice_pools_slices_per_case_like_the_report(tmp_path):
+    """Validation's metric is the test table's: per case pooled over slices, then the mean over cases."""
+    from shared_transforms.handlers import CaseDice
+
+    def item(pred_px: int, label_px: int, overlap: int) -> dict:
+        pred, label = torch.zeros(1, 10, 10), torch.zeros(1, 10, 10)
+        pred.view(-1)[:pred_px] = 1
+        label.view(-1)[pred_px - overlap: pred_px - overlap + label_px] = 1
+        return {"pred": pred, "label": label, "image": label.clone()}
+
+    # case a: a big slice matched exactly and a tiny slice missed; case b: half overlap
+    iterations = [[("a", item(50, 50, 50)), ("a", item(2, 2, 0))], [("b", item(20, 20, 10))]]
+
+    def step(engine, batch):
+        engine.state.batch = [{"case": c} for c, _ in batch]
+        return [i for _, i in batch]
+
+    engine = Engine(step)
+    CaseDice().attach(engine, "val_mean_dice")
+    report = SegmentationReport(str(tmp_path))
+    report.attach(engine)
+    engine.run(iterations, max_epochs=1)
+    case_a = 2 * 50 / (2 * 50 + 2 + 2)  # pooled: tp 50, fp 2, fn 2 -> 0.9615 (per-slice mean would be 0.5)
+    expected = (case_a + 0.5) / 2
+    assert engine.state.metrics["val_mean_dice"] == pytest.approx(expected)
+    assert report.summary()["mean_dice"] == pytest.approx(100 * expected)
+
+
+def test_learning_curves_keep_the_epochs_before_a_resume(tmp_path):
+    from shared_transforms.handlers import LearningCurves
+
+    def attempt(max_epochs: int) -> list[dict]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = _trainer(model, opt)
+        ResumeCheckpoint(str(tmp_path / "ckpt.pt"), {"model": model, "optimizer": opt}).attach(trainer)
+        LearningCurves(str(tmp_path / "eval"), optimizer=opt).attach(trainer)
+        trainer.run([0, 0], max_epochs=max_epochs)
+        return list(csv.DictReader(open(tmp_path / "eval" / "learning_curves.csv")))
+
+    first = attempt(2)  # "killed" after epoch 2
+    whole = attempt(4)  # the same command again resumes at epoch 3
+    assert [int(r["epoch"]) for r in whole] == [1, 2, 3, 4]
+    assert [r["train_loss"] for r in whole[:2]] == [r["train_loss"] for r in first]
+    assert float(whole[3]["train_loss"]) < float(whole[0]["train_loss"])
+
+
+def test_slice_dataset_caps_slices_and_reports_skipped_cases(tmp_path):
+    from shared_transforms.datasets import SliceDataset
+
+    rng = np.random.default_rng(0)
+    data = [{"case": c, "image": rng.normal(size=(1, 4, 4, 3)).tolist()} for c in ("a", "b", "c")]
+    data.insert(1, {"case": "broken", "image": None})
+    report = tmp_path / "bad_cases.json"
+    report.write_text(json.dumps([{"case": "x", "file": "x.nii.gz", "reason": "no label file"}]))
+    _CountingSlicer.calls = 0
+    capped = SliceDataset(data, _CountingSlicer(), max_slices=4, report_file=str(report))
+    assert len(capped) == 4 and [capped[i]["case"] for i in range(4)] == ["a", "a", "a", "b"]
+    assert _CountingSlicer.calls == 2, "volumes after the cap are not prepared"
+    reported = json.loads(report.read_text())
+    assert [r["case"] for r in reported] == ["x", "broken"] and "cannot read" in reported[1]["reason"]
+    SliceDataset(data, _CountingSlicer(), report_file=str(report))  # once per case, however often it is built
+    assert [r["case"] for r in json.loads(report.read_text())] == ["x", "broken"]
+    with pytest.raises(ValueError, match="max_slices"):
+        SliceDataset(data, _CountingSlicer(), max_slices=0)

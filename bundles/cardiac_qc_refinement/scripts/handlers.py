@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from shared_transforms.datalist import write_json
 from shared_transforms.handlers import atomic_torch_save
+from shared_transforms.utils import unwrap_model
 
 from .qc import CLASS_NAMES, _json_safe, dice, hausdorff
 
@@ -70,7 +71,7 @@ class BestCheckpoints:
         entry = {"file": f"{self.prefix}{epoch}.pt", "epoch": epoch, self.metric_name: score}
         ranked = sorted(self.kept + [entry], key=lambda e: self.sign * e[self.metric_name])
         keep, drop = ranked[: self.k], ranked[self.k:]
-        net = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
+        net = unwrap_model(self.network)
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         if entry in keep:
             atomic_torch_save(state, self.save_dir / entry["file"])

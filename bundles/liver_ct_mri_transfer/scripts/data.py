@@ -27,7 +27,7 @@ from shared_transforms.datalist import BAD_CASES_FILE, scan_cases, split_cases, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["find_lits_cases", "find_mri_cases", "prepare_ct_datalist", "prepare_mri_datalist", "sample_slice_indices", "SampleLiverSlicesd", "LabelsToChannelsd"]
+__all__ = ["natural_key", "find_lits_cases", "find_mri_cases", "prepare_ct_datalist", "prepare_mri_datalist", "sample_slice_indices", "SampleLiverSlicesd", "LabelsToChannelsd"]
 
 _VOLUME = re.compile(r"^volume-(?P<n>\d+)\.nii(\.gz)?$")
 _SEGMENTATION = re.compile(r"^segmentation-(?P<n>\d+)\.nii(\.gz)?$")
@@ -62,13 +62,18 @@ def find_lits_cases(ct_root: str) -> tuple[list[dict], list[dict]]:
     return cases, rejected
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: ``case2`` before ``case10`` (plain sorting puts it after)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
 def find_mri_cases(mri_root: str) -> list[dict]:
-    """One case per sub-folder of ``mri_root`` holding ``artery.nii[.gz]`` (and ``label.nii[.gz]``)."""
+    """One case per sub-folder of ``mri_root`` holding ``artery.nii[.gz]`` (and ``label.nii[.gz]``), in natural order."""
     root = Path(mri_root)
     if not root.is_dir():
         raise FileNotFoundError(f"MRI dataset folder not found: {root}")
     cases = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
         image = _first(folder, "artery")
         if image is not None:
             cases.append({"image": image, "label": _first(folder, "label"), "case": folder.name})
@@ -97,11 +102,14 @@ def prepare_ct_datalist(dataset_dir: str, val_fraction: float = 0.1, seed: int =
 def prepare_mri_datalist(
     dataset_dir: str, n_test: int = 4, n_val: int = 1, output_dir: str | None = None
 ) -> dict:
-    """MRI cases, cleaned; the LAST ``n_test`` cases (sorted by folder name) are the test set, as in the report.
+    """MRI cases, cleaned; the LAST ``n_test`` cases (natural order of folder names) are the test set, as in the report.
 
-    The ``n_val`` cases before them validate during training (best checkpoint); the split is
-    written to ``datalist_mri.json``.
+    The ``n_val`` cases before them validate during training (best checkpoint); with
+    ``n_val=0``, as in the report, nothing validates and the final epoch's model is kept. The
+    split is written to ``datalist_mri.json``.
     """
+    if n_test < 1 or n_val < 0:
+        raise ValueError(f"n_test must be >= 1 and n_val >= 0, got n_test={n_test}, n_val={n_val}")
     good, bad = scan_cases(find_mri_cases(dataset_dir))
     if len(good) <= n_test + n_val:
         raise ValueError(f"{dataset_dir}: {len(good)} usable cases, need more than n_test + n_val = {n_test + n_val}")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from shared_transforms.utils import unwrap_model
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -26,10 +27,14 @@ __all__ = ["ResidualBlock", "ResidualUNet", "xavier_init", "load_ct_weights", "c
 
 
 class ConvBNReLU(nn.Sequential):
-    """3×3 convolution, BatchNorm, ReLU; optional dropout BEFORE the convolution."""
+    """3×3 convolution, BatchNorm, ReLU; optional dropout BEFORE the convolution.
+
+    Plain (element-wise) dropout, as the report describes it ("dropout 0.5 before each
+    convolution"), not ``Dropout2d``, which would drop whole feature maps at p = 0.5.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
-        layers: list[nn.Module] = [nn.Dropout2d(dropout)] if dropout > 0 else []
+        layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
         layers += [
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
@@ -142,7 +147,7 @@ def load_ct_weights(network: nn.Module, path: str, keep_channels: Sequence[int] 
     if not Path(path).is_file():
         raise FileNotFoundError(f"CT checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    target = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    target = unwrap_model(network)
     keep = list(keep_channels)
     for key in ("head.weight", "head.bias"):
         if key not in state:
@@ -163,7 +168,7 @@ def configure_transfer(network: nn.Module, transfer: str, source_ckpt: str | Non
         raise ValueError(f"transfer={transfer!r} needs source_ckpt (the CT model's models/model.pt)")
     load_ct_weights(network, source_ckpt)
     if transfer == "finetune_freeze":
-        target = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+        target = unwrap_model(network)
         frozen = target.freeze_levels(freeze_levels)
         logger.info("froze %d parameters of the first %d encoder levels", len(frozen), freeze_levels)
     return network

@@ -16,14 +16,14 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared_transforms.datalist import BAD_CASES_FILE, fold_datalist, scan_cases, split_cases, write_json
+from shared_transforms.datalist import BAD_CASES_FILE, PROSTATE_SITES, fold_datalist, scan_cases, split_cases, write_json
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SITES", "site_folder", "find_cases", "prepare_datalist"]
 
 #: site letter used in the paper -> folder name in the public layout
-SITES = {"A": "RUNMC", "B": "BMC", "C": "I2CVB"}
+SITES = PROSTATE_SITES
 _IMAGE = re.compile(r"^(?P<case>.+?)\.nii(\.gz)?$")
 _LABEL = re.compile(r"^(?P<case>.+?)_[Ss]egmentation\.nii(\.gz)?$")
 

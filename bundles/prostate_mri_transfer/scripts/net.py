@@ -13,11 +13,15 @@ from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
+from shared_transforms.utils import unwrap_model
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ProstateSegNet", "load_weights"]
+
+#: ImageNet classifier layers that published encoder checkpoints carry and smp's encoders drop
+_CLASSIFIER_HEADS = {"fc", "_fc", "classifier", "head", "last_linear"}
 
 
 class ProstateSegNet(nn.Module):
@@ -31,6 +35,11 @@ class ProstateSegNet(nn.Module):
         pretrained: load ImageNet encoder weights through smp (needs the internet once).
         pretrained_path: a local ImageNet encoder checkpoint (an smp encoder ``state_dict`` with
             3 input channels, as smp downloads it); adapted to ``in_channels`` the way smp does.
+            Every encoder tensor must load (a classifier head in the file is ignored).
+        bn_momentum: momentum of every BatchNorm layer (``None`` keeps the encoder's own). The
+            EfficientNet encoders come with TensorFlow's 0.01, so their running statistics lag
+            the weights for hundreds of iterations and eval-mode predictions of a short run
+            collapse; PyTorch's 0.1 settles within a few dozen (see the bundle README).
         kwargs: passed to ``smp.create_model`` (e.g. ``encoder_depth``, ``decoder_channels``).
 
     Input ``(B, in_channels, H, W)`` raw (N4-corrected) intensities, H and W multiples of 32;
@@ -45,6 +54,7 @@ class ProstateSegNet(nn.Module):
         out_channels: int = 1,
         pretrained: bool = False,
         pretrained_path: str | None = None,
+        bn_momentum: float | None = 0.1,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -70,13 +80,24 @@ class ProstateSegNet(nn.Module):
         if pretrained_path:
             state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
             own = self.model.encoder.state_dict()
-            matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-            if not matched:
-                raise ValueError(f"{pretrained_path}: no tensor matches the '{encoder_name}' encoder.")
-            self.model.encoder.load_state_dict({**own, **matched})
-            logger.info("loaded %d/%d encoder tensors from %s", len(matched), len(own), pretrained_path)
+            # a partial load would silently train a half-random encoder labelled "ImageNet"
+            missing = sorted(set(own) - set(state))
+            unexpected = sorted(k for k in state if k not in own and k.split(".")[0] not in _CLASSIFIER_HEADS)
+            mismatched = sorted(k for k in own if k in state and own[k].shape != state[k].shape)
+            if missing or unexpected or mismatched:
+                raise ValueError(
+                    f"{pretrained_path} is not a complete '{encoder_name}' encoder: {len(missing)} of {len(own)} encoder "
+                    f"tensors missing (e.g. {missing[:3]}), {len(mismatched)} with another shape (e.g. {mismatched[:3]}), "
+                    f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})."
+                )
+            self.model.encoder.load_state_dict({k: state[k] for k in own})
+            logger.info("loaded all %d encoder tensors from %s", len(own), pretrained_path)
             if in_channels != 3:
                 self.model.encoder.set_in_channels(in_channels, pretrained=True)
+        if bn_momentum is not None:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = float(bn_momentum)
         self.register_buffer("intensity_mean", torch.zeros(()))
         self.register_buffer("intensity_std", torch.ones(()))
 
@@ -103,7 +124,7 @@ def load_weights(network: nn.Module, path: str, strict: bool = True) -> nn.Modul
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    target = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    target = unwrap_model(network)
     target.load_state_dict(state, strict=strict)
     logger.info("initialised the network from %s", path)
     return network
