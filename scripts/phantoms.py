@@ -144,6 +144,17 @@ def affine_for(spacing: Sequence[float], orientation: str = "RAS", origin: Seque
     return affine
 
 
+def oblique(affine: np.ndarray, degrees: float) -> np.ndarray:
+    """``affine`` with its voxel axes rotated by ``degrees`` about the world z axis (an oblique scan), origin kept."""
+    if not degrees:
+        return affine
+    t = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
+    out = affine.copy()
+    out[:3, :3] = rotation @ affine[:3, :3]
+    return out
+
+
 def to_dtype(array: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
     """Cast like a scanner would store it: round and clip to the range of integer dtypes."""
     dtype = np.dtype(dtype)
@@ -190,10 +201,10 @@ def _summary_line(result: object) -> object:
 #: per site: folder -> appearance. Spacing is the real in-plane spacing at the real 384-pixel
 #: in-plane size; the phantom keeps the field of view, so in-plane spacing is scaled by
 #: 384 / size (slice thickness kept). Orientation: the header's axes ("LPS" = diag(-sx, -sy, sz)).
-#: The anatomy has the same voxel layout at every site (anterior towards voxel -y, superior
-#: towards +z), as the public multi-site copy shows every site the same way when its arrays are
-#: read as they are; only the BMC header is anatomically consistent with it (in the RAS-header
-#: sites the world's anterior is voxel +y), which is irrelevant to bundles that do not reorient.
+#: Every header is anatomically true: the arrays of the RAS sites are stored flipped in x and y
+#: against the LPS site (as two DICOM converters store one scan), so only a pipeline that
+#: reorients by the header sees the same anatomy at every site. Case 01 of each site has an
+#: oblique header (rotated by ``PROSTATE_OBLIQUE_DEGREES`` about the scanner's z axis).
 PROSTATE_SITES = {
     "RUNMC": dict(  # site A: 3T, external phased-array surface coil
         letter="A", spacing=(0.6, 0.6, 3.6), orientation="RAS", origin=(-112.0, -131.0, -35.0),
@@ -210,6 +221,9 @@ PROSTATE_SITES = {
 }
 #: in-plane size of the real multi-site copy, at which ``spacing`` above holds
 PROSTATE_REAL_SIZE = 384
+#: the oblique case's in-plane rotation of the voxel axes (an oblique acquisition)
+PROSTATE_OBLIQUE_DEGREES = 12.0
+PROSTATE_OBLIQUE_CASE = 1
 #: T2 intensities of the tissues (before the site's scale, bias field and noise)
 PROSTATE_TISSUE = dict(body=0.33, fat=0.52, muscle=0.2, rectum_wall=0.3, rectum_lumen=0.05,
                        capsule=0.15, pz=0.86, cg=0.78, bladder=1.1)
@@ -313,7 +327,8 @@ def prostate(out_dir: str, cases_per_site: int = 6, shape: Sequence[int] | str =
 
     Layout: OUT_DIR/{RUNMC,BMC,I2CVB}/CaseNN.nii.gz and CaseNN_segmentation.nii.gz, NN = 00, 01, ...
     RUNMC is site A (int16, surface-coil gradient), BMC site B (uint16, endorectal-coil bright
-    spot behind the gland, LPS header), I2CVB site C (float32, mild field). Labels (uint8):
+    spot behind the gland, LPS header), I2CVB site C (float32, mild field). RAS sites store the
+    arrays flipped in-plane against BMC (every header is true); Case01 of each site is oblique. Labels (uint8):
     0 background, 1 central gland and 2 peripheral zone at RUNMC and BMC, 1 whole gland at
     I2CVB. Each site has its own voxel spacing, intensity scale, noise and bias field. The gland
     spans most slices and tapers towards its ends, so some of its slices have fewer than 200
@@ -341,10 +356,13 @@ def prostate(out_dir: str, cases_per_site: int = 6, shape: Sequence[int] | str =
             round(site["spacing"][1] * PROSTATE_REAL_SIZE / dims[1], 6),
             float(site["spacing"][2]),
         )
-        affine = affine_for(spacing, site["orientation"], site["origin"])
         for case in range(cases_per_site):
             rng = rng_for(seed, "prostate", name, case)
-            img, label = _prostate_case(dims, site, rng)
+            img, label = _prostate_case(dims, site, rng)  # anatomy laid out as an LPS array
+            if site["orientation"] == "RAS":  # the same anatomy, stored as an RAS array
+                img, label = img[::-1, ::-1], label[::-1, ::-1]
+            tilt = PROSTATE_OBLIQUE_DEGREES if case == PROSTATE_OBLIQUE_CASE else 0.0
+            affine = oblique(affine_for(spacing, site["orientation"], site["origin"]), tilt)
             stem = out / name / f"Case{case:02d}"
             save_nifti(f"{stem}.nii.gz", img, affine, site["dtype"])
             save_nifti(f"{stem}_segmentation.nii.gz", label, affine, np.uint8)
@@ -424,12 +442,19 @@ def liver_ct(out_dir: str, cases: int = 4, shape: Sequence[int] | str = (64, 64,
     return {"summary": summary, "root": str(out), "cases": cases}
 
 
+#: one MRI case with an oblique header (voxel axes rotated about the scanner's z axis)
+LIVER_OBLIQUE_CASE = 3
+LIVER_OBLIQUE_DEGREES = 12.0
+
+
 def liver_mri(out_dir: str, cases: int = 10, shape: Sequence[int] | str = (64, 52, 24), seed: int = 0) -> dict:
     """Write an arterial-phase liver MRI phantom: ``<case>/artery.nii.gz`` + ``label.nii.gz`` (tumour = 1).
 
     A contrast unlike CT (liver mid-grey, bright enhancing tumours, smooth coil shading, Rician
     noise). Two cases are broken on purpose, as in the real collection: ``case_001``'s label
-    has one slice fewer than its image, and ``case_002`` has no label.
+    has one slice fewer than its image, and ``case_002`` has no label. The MRI is stored as LPS
+    (the CT as RAS) with true headers, so its arrays are flipped in-plane against the CT's;
+    ``case_003`` has an oblique header.
 
     Args:
         out_dir: dataset root to create.
@@ -450,9 +475,11 @@ def liver_mri(out_dir: str, cases: int = 10, shape: Sequence[int] | str = (64, 5
         img = np.where(tumour, 0.95, img)
         img = img * polynomial_field(coords, (rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), 0.0))
         img = rician(rng, 1000.0 * img, 25.0)
-        label = tumour.astype(np.uint8)
+        # the anatomy is laid out as an RAS array (as the CT's): stored as LPS, its header stays true
+        img, label = img[::-1, ::-1].copy(), tumour[::-1, ::-1].astype(np.uint8)
         folder = out / f"case_{n:03d}"
-        affine = affine_for((1.25 * 320 / shape[0], 1.25 * 260 / shape[1], 3.0), "LPS")
+        affine = oblique(affine_for((1.25 * 320 / shape[0], 1.25 * 260 / shape[1], 3.0), "LPS"),
+                         LIVER_OBLIQUE_DEGREES if n == LIVER_OBLIQUE_CASE else 0.0)
         save_nifti(folder / "artery.nii.gz", img, affine, np.float32)
         if n == 1:  # image/label shape mismatch
             save_nifti(folder / "label.nii.gz", label[..., :-1], affine, np.uint8)

@@ -61,6 +61,13 @@ def check_case(image: str | None, label: str | None, require_label: bool = True)
     return None
 
 
+def _orientation(path: str | None) -> dict[str, str]:
+    """``{"axcodes": "LPS"}`` of a NIfTI file's header (recorded in the datalist: how the scan was stored)."""
+    if not path or not str(path).endswith((".nii", ".nii.gz")):
+        return {}
+    return {"axcodes": "".join(nib.aff2axcodes(nib.load(str(path)).affine))}
+
+
 def scan_cases(
     cases: Sequence[Mapping[str, Any]],
     image_key: str = "image",
@@ -77,13 +84,15 @@ def scan_cases(
 
     Returns:
         ``(good, bad)``; each entry of ``bad`` is ``{"case", "file", "reason"}``, also logged.
+        Each good NIfTI case gains ``"axcodes"``, its image's orientation as stored (e.g. ``"LPS"``;
+        the bundles reorient to their training orientation and back).
     """
     good: list[dict] = []
     bad: list[dict] = [dict(b) for b in known_bad]
     for case in cases:
         problem = check_case(case.get(image_key), case.get(label_key), require_label=require_label)
         if problem is None:
-            good.append(dict(case))
+            good.append({**case, **_orientation(case.get(image_key))})
         else:
             bad.append({"case": case.get("case", case.get(image_key)), "file": problem[0], "reason": problem[1]})
     for b in bad:

@@ -218,13 +218,17 @@ def test_mri_transfer_at_native_size_without_validation(chain, tmp_path):
     assert len(curves) == 3 and curves[-1].split(",")[0] == "2"
     out, folder = tmp_path / "pred", tmp_path / "held_out"
     folder.mkdir()
-    case = datalist["test"][0]
-    (folder / "artery.nii.gz").symlink_to(case["image"])
+    oblique = chain["mri"] / "case_003" / "artery.nii.gz"  # LPS with an oblique header
+    inputs = {"test": datalist["test"][0]["image"], "oblique": str(oblique)}
+    for name, src in inputs.items():
+        (folder / f"{name}.nii.gz").symlink_to(src)
     bundle_run(BUNDLE, ["inference.json"], cwd=tmp_path, run_id="run", bundle_root=str(root),
                dataset_dir=str(folder), output_dir=str(out), **native)
-    image, pred = nib.load(case["image"]), nib.load(out / "artery_seg.nii.gz")
-    assert pred.shape == image.shape == (64, 52, 16)
-    np.testing.assert_allclose(pred.affine, image.affine, atol=1e-5)
+    assert nib.aff2axcodes(nib.load(oblique).affine) == ("L", "P", "S")
+    for name, src in inputs.items():
+        image, pred = nib.load(src), nib.load(out / f"{name}_seg.nii.gz")
+        assert pred.shape == image.shape == (64, 52, 16)
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-5)
 
 
 def test_mri_intensity_scaling_ignores_outliers():
@@ -246,3 +250,18 @@ def test_mri_intensity_scaling_ignores_outliers():
         """
     )
     assert "SCALING_OK" in run([sys.executable, "-c", check], cwd=ROOT).stdout
+
+
+def test_ct_and_mri_phantoms_agree_in_world_orientation(chain):
+    """Reoriented by their headers (CT stored as RAS, MRI as LPS, one MRI case oblique) both show
+    the liver on the same side: the transfer sees one anatomy, not a mirror image."""
+    ct = nib.as_closest_canonical(nib.load(next(chain["ct"].rglob("segmentation-0.nii"))))
+    raw_mri = nib.load(chain["mri"] / "case_003" / "label.nii.gz")
+    mri = nib.as_closest_canonical(raw_mri)
+    assert nib.aff2axcodes(raw_mri.affine) == ("L", "P", "S") and nib.aff2axcodes(mri.affine) == ("R", "A", "S")
+    liver_x = np.nonzero(np.asanyarray(ct.dataobj) >= 1)[0].mean() / ct.shape[0]
+    tumour_x = np.nonzero(np.asanyarray(mri.dataobj) > 0)[0].mean() / mri.shape[0]  # tumours lie in the liver
+    assert (liver_x - 0.5) * (tumour_x - 0.5) > 0, (liver_x, tumour_x)
+    # stored as it is, the MRI array is the mirror image
+    stored_x = np.nonzero(np.asanyarray(raw_mri.dataobj) > 0)[0].mean() / raw_mri.shape[0]
+    assert (liver_x - 0.5) * (stored_x - 0.5) < 0, (liver_x, stored_x)

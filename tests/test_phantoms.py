@@ -108,6 +108,27 @@ def test_spacing_and_orientation(small):
     assert ("L", "P", "S") in codes.values() and ("R", "A", "S") in codes.values(), codes
 
 
+def test_headers_are_anatomically_true_and_one_case_is_oblique(small):
+    """Reoriented by its header, every site's array shows the same anatomy (the generator's, laid
+    out as LPS, seen in RAS); the RAS sites store it flipped against BMC, and Case01 is oblique."""
+    out, _ = small
+    spec = importlib.util.spec_from_file_location("phantoms_mod", SCRIPT)
+    phantoms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phantoms)
+    for site in SITES:
+        for case in range(2):
+            img = nib.load(out / site / f"Case{case:02d}_segmentation.nii.gz")
+            _, label = phantoms._prostate_case((48, 48, 10), phantoms.PROSTATE_SITES[site], phantoms.rng_for(0, "prostate", site, case))
+            canonical = np.asanyarray(nib.as_closest_canonical(img).dataobj)
+            np.testing.assert_array_equal(canonical, label[::-1, ::-1])  # LPS anatomy seen as RAS
+            stored = np.asanyarray(img.dataobj)
+            flipped = site != "BMC"
+            assert np.array_equal(stored, label[::-1, ::-1] if flipped else label), site
+            axes = img.affine[:3, :3] / np.linalg.norm(img.affine[:3, :3], axis=0)
+            tilt = np.degrees(np.arccos(abs(axes[0, 0])))
+            assert tilt == pytest.approx(phantoms.PROSTATE_OBLIQUE_DEGREES if case == 1 else 0.0, abs=1e-6), (site, case)
+
+
 def test_gland_slice_areas_at_default_size(default_size):
     """Some gland slices fall below the bundle's min_area of 200 pixels, the middle ones well above it."""
     for site in SITES:

@@ -62,6 +62,19 @@ def test_training_writes_model_logs_and_datalist(trained):
     assert (work / "models" / "resume" / "checkpoint.pt").is_file()
 
 
+def test_eval_mode_matches_batch_statistics_after_a_short_run(trained):
+    """20 epochs with the default encoder family: BatchNorm's running statistics have caught up,
+    so eval mode (evaluation, inference, MONAI Label) scores like batch statistics."""
+    work = trained["work"]
+    run([sys.executable, str(REPO / "scripts" / "prostate_bn_check.py"), "score", str(work), "--overrides",
+         repr({"dataset_dir": str(trained["data"]), "sites": ["RUNMC"], **SMALL})], cwd=work)
+    rows = json.loads((work / "eval" / "bn_score.json").read_text())
+    seen = [r for r in rows if r["part"] in ("training", "validation")]
+    assert seen and all(r["train_mode_dice"] > 70 for r in seen), rows
+    gap = np.mean([r["train_mode_dice"] - r["eval_dice"] for r in seen])
+    assert abs(gap) < 5, rows
+
+
 def test_evaluation_learns_the_gland(trained):
     """Learning actually happens: test Dice on held-out phantom cases > 0.8."""
     work, data = trained["work"], trained["data"]
@@ -134,6 +147,39 @@ def test_inference_keeps_shape_and_affine(trained, tmp_path):
         np.testing.assert_allclose(pred.affine, img.affine, atol=1e-5)
         values = np.unique(np.asanyarray(pred.dataobj))
         assert set(values.tolist()) <= {0, 1}
+
+
+def test_inference_reorients_by_the_header(trained, tmp_path):
+    """The same scan stored flipped (another converter, LPS) or with an oblique header gets the same
+    mask, in its own geometry: the pipeline reorients to the training orientation and back."""
+    work = trained["work"]
+    case = json.loads((work / "eval" / "datalist.json").read_text())["test"][0]
+    image, truth = nib.load(case["image"]), nib.load(case["label"])
+    nx, ny = image.shape[:2]
+    flip = np.array([[-1.0, 0, 0, nx - 1], [0, -1.0, 0, ny - 1], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    data = np.asanyarray(image.dataobj)
+    nib.save(nib.Nifti1Image(data, image.affine), folder / "original.nii.gz")
+    nib.save(nib.Nifti1Image(data[::-1, ::-1].copy(), image.affine @ flip), folder / "flipped.nii.gz")  # same world
+    t = np.deg2rad(10.0)
+    tilted = image.affine.copy()
+    tilted[:3, :3] = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ image.affine[:3, :3]
+    nib.save(nib.Nifti1Image(data, tilted), folder / "oblique.nii.gz")
+    assert nib.aff2axcodes(image.affine) != nib.aff2axcodes(image.affine @ flip)
+    out = tmp_path / "pred"
+    bundle_run(BUNDLE, ["inference.json"], cwd=tmp_path, run_id="run", bundle_root=str(work), dataset_dir=str(folder),
+               output_dir=str(out), image_size=64, encoder=ENCODER)
+    preds = {name: nib.load(out / f"{name}_seg.nii.gz") for name in ("original", "flipped", "oblique")}
+    for name, affine in (("original", image.affine), ("flipped", image.affine @ flip), ("oblique", tilted)):
+        assert preds[name].shape == image.shape
+        np.testing.assert_allclose(preds[name].affine, affine, atol=1e-5)
+    mask = {name: np.asanyarray(p.dataobj) > 0 for name, p in preds.items()}
+    np.testing.assert_array_equal(mask["flipped"], mask["original"][::-1, ::-1])  # the same world mask
+    np.testing.assert_array_equal(mask["oblique"], mask["original"])  # the same scan, other header
+    gland = np.asanyarray(truth.dataobj) > 0
+    dice = 2 * (mask["original"] & gland).sum() / (mask["original"].sum() + gland.sum())
+    assert dice > 0.7, dice
 
 
 def test_resume_continues_from_last_epoch(data, tmp_path):
@@ -277,4 +323,4 @@ def test_real_scans_short_training_eval_mode_and_inference(tmp_path):
     mask, gland = np.asanyarray(pred.dataobj) > 0, np.asanyarray(nib.load(test_case["label"]).dataobj) > 0
     dice = 2 * (mask & gland).sum() / (mask.sum() + gland.sum())
     print(f"held-out real case {test_case['case']}: Dice {100 * dice:.1f} %; per case {rows}")
-    assert dice > 0.15, dice
+    assert dice > 0.25, dice  # measured 43.3 % (30 epochs) and 33.8 % (40 epochs, other run): one training case

@@ -69,7 +69,7 @@ def test_scan_reports_each_broken_case_and_keeps_the_rest(tmp_path):
     mismatch = {"case": "mm", "image": good["image"], "label": _nii(tmp_path / "m_l.nii.gz", (8, 8, 3))}
     unlabelled = {"case": "nolabel", "image": good["image"], "label": None}
     kept, bad = scan_cases([truncated, good, mismatch, unlabelled])
-    assert [c["case"] for c in kept] == ["ok"]
+    assert [c["case"] for c in kept] == ["ok"] and kept[0]["axcodes"] == "RAS"
     by_case = {b["case"]: b for b in bad}
     assert by_case["trunc"]["file"] == str(trunc) and "cannot read" in by_case["trunc"]["reason"]
     assert "(8, 8, 4)" in by_case["mm"]["reason"] and "(8, 8, 3)" in by_case["mm"]["reason"]
