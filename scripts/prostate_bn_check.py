@@ -13,6 +13,7 @@ case's slices as the batch. Writes ``bn_check.csv`` and ``bn_check.md`` into OUT
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -25,14 +26,22 @@ from tables import write_csv
 BUNDLE = "prostate_mri_transfer"
 
 
-def _case_dice(network, slices: list[dict], train_mode: bool) -> float:
-    """Dice (%) of one case, pooled over its slices, with BatchNorm in eval or train (batch statistics) mode."""
+def _case_dice(network, slices: list[dict], batch_statistics: bool) -> float:
+    """Dice (%) of one case, pooled over its slices, with BatchNorm's running or batch statistics.
+
+    Works on a copy of the network with only its BatchNorm layers in train mode (dropout and
+    drop-connect stay off), so scoring one case never moves the running statistics that the
+    next case is scored with.
+    """
+    net = copy.deepcopy(network).eval()
+    if batch_statistics:
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train()
     images = torch.stack([torch.as_tensor(s["image"]) for s in slices]).float()
     labels = torch.stack([torch.as_tensor(s["label"]) for s in slices]) > 0.5
-    network.train(train_mode)
     with torch.no_grad():
-        pred = torch.sigmoid(network(images)) > 0.5
-    network.eval()
+        pred = torch.sigmoid(net(images)) > 0.5
     tp = float((pred & labels).sum())
     total = float(pred.sum() + labels.sum())
     return 100.0 * 2 * tp / total if total else 100.0

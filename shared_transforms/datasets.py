@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,10 @@ def _code_version(cls: type) -> str:
 
 def _settings(obj: Any, depth: int = 0) -> Any:
     """A picklable description of a transform's settings (nested transforms included), without runtime state."""
-    if depth > 8 or obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
         return obj
+    if depth > 8:  # deeper than any transform's settings: the type, never a repr with a memory address
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
     if isinstance(obj, (list, tuple)):
         return [_settings(v, depth + 1) for v in obj]
     if isinstance(obj, dict):
@@ -74,6 +77,11 @@ def _settings(obj: Any, depth: int = 0) -> Any:
         return hashlib.sha256(np.ascontiguousarray(np.asarray(obj)).tobytes()).hexdigest()
     if isinstance(obj, (np.random.RandomState, np.random.Generator)):
         return None
+    if isinstance(obj, (types.FunctionType, types.MethodType)):
+        # a function is its name and its code (two lambdas differ), a bound method also its object
+        code = getattr(obj, "__code__", None) or obj.__func__.__code__
+        name = [f"{obj.__module__}.{obj.__qualname__}", hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()]
+        return name + ([_settings(obj.__self__, depth + 1)] if isinstance(obj, types.MethodType) else [])
     if isinstance(obj, type) or callable(obj) and not hasattr(obj, "__dict__"):
         return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
     cls = type(obj)

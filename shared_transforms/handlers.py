@@ -113,8 +113,8 @@ class ResumeCheckpoint:
 class LearningCurves:
     """Write ``learning_curves.csv`` and ``learning_curves.png`` after every training epoch.
 
-    A resumed run keeps the rows of the epochs it resumes after (attach it after
-    :class:`ResumeCheckpoint`, whose ``STARTED`` handler restores the epoch), so the curves are whole.
+    A resumed run keeps the CSV's rows of the epochs it resumes after (read at its first epoch,
+    once :class:`ResumeCheckpoint` has restored the epoch), so the curves are whole.
 
     Args:
         output_dir: where the two files go.
@@ -134,18 +134,23 @@ class LearningCurves:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.STARTED, self._keep_earlier_rows)
+        engine.add_event_handler(Events.STARTED, lambda e: setattr(self, "_rows_read", False))
+        engine.add_event_handler(Events.EPOCH_STARTED, self._keep_earlier_rows)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._record_loss)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
 
     def _keep_earlier_rows(self, engine) -> None:
-        """On a resumed run (attached after the resume handler), keep the CSV's rows up to the resumed epoch."""
+        """At the first epoch of a run (a resume is loaded by then), keep the CSV's rows up to the resumed epoch."""
+        if getattr(self, "_rows_read", False):
+            return
+        self._rows_read = True
         path = self.output_dir / "learning_curves.csv"
         self.rows = []
-        if engine.state.epoch > 0 and path.is_file():
+        resumed = engine.state.epoch - 1  # EPOCH_STARTED has already counted the new epoch
+        if resumed > 0 and path.is_file():
             with open(path, newline="") as f:
                 for row in csv.DictReader(f):
-                    if int(row["epoch"]) <= engine.state.epoch:
+                    if int(row["epoch"]) <= resumed:
                         self.rows.append({k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
             logger.info("learning curves: kept %d epochs from before the resume", len(self.rows))
 

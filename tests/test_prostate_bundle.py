@@ -181,6 +181,21 @@ def test_inference_reorients_by_the_header(trained, tmp_path):
     dice = 2 * (mask["original"] & gland).sum() / (mask["original"].sum() + gland.sum())
     assert dice > 0.7, dice
 
+    # the phantom's own oblique case (RUNMC/Case01, 12°): its mask overlaps its true gland
+    oblique_case = trained["data"] / "RUNMC" / "Case01.nii.gz"
+    one = tmp_path / "oblique_in"
+    one.mkdir()
+    (one / oblique_case.name).symlink_to(oblique_case)
+    bundle_run(BUNDLE, ["inference.json"], cwd=tmp_path, run_id="run", bundle_root=str(work), dataset_dir=str(one),
+               output_dir=str(tmp_path / "oblique_pred"), image_size=64, encoder=ENCODER)
+    pred = nib.load(tmp_path / "oblique_pred" / "Case01_seg.nii.gz")
+    src = nib.load(oblique_case)
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+    assert abs(src.affine[1, 0]) > 0.1 * abs(src.affine[0, 0]), "the phantom's Case01 is oblique"
+    got = np.asanyarray(pred.dataobj) > 0
+    true = np.asanyarray(nib.load(str(oblique_case).replace(".nii.gz", "_segmentation.nii.gz")).dataobj) > 0
+    assert 2 * (got & true).sum() / (got.sum() + true.sum()) > 0.7
+
 
 def test_resume_continues_from_last_epoch(data, tmp_path):
     args = dict(bundle_root=str(tmp_path), dataset_dir=str(data), sites=["I2CVB"], **SMALL)
@@ -290,11 +305,11 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "prostate"
 
 @pytest.mark.skipif(not (REAL / "RUNMC").is_dir(), reason="../shared/data/prostate is absent (see its README)")
 def test_real_scans_short_training_eval_mode_and_inference(tmp_path):
-    """Three real NCI-ISBI T2 volumes: train briefly on two (training + validation), infer on all three.
+    """Three real NCI-ISBI T2 volumes: a short run trained on one and validated on another, then
+    inference on the held-out third.
 
-    The model must work in eval mode (BatchNorm running statistics) as well as with batch
-    statistics after a short run, and the held-out case's mask keeps the scan's geometry and
-    overlaps the gland.
+    On the two cases the run saw, eval mode (BatchNorm running statistics) must score like batch
+    statistics; the held-out case's mask keeps the scan's geometry and overlaps the gland.
     """
     args = dict(dataset_dir=str(REAL), sites=["RUNMC"], n_folds=2, image_size=128, encoder=ENCODER, batch_size=4,
                 cache_dir=str(tmp_path / "cache"))
@@ -303,8 +318,8 @@ def test_real_scans_short_training_eval_mode_and_inference(tmp_path):
         cwd=tmp_path)
     rows = {r["case"]: r for r in json.loads((tmp_path / "eval" / "bn_score.json").read_text())}
     datalist = json.loads((tmp_path / "eval" / "datalist.json").read_text())
-    trained = [c["case"] for c in datalist["training"]]
-    for case in trained:
+    seen = [c["case"] for c in datalist["training"] + datalist["validation"]]
+    for case in seen:
         r = rows[case]
         assert r["train_mode_dice"] > 50, r
         assert abs(r["eval_dice"] - r["train_mode_dice"]) < 10, r  # running statistics caught up

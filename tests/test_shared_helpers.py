@@ -347,3 +347,18 @@ def test_slice_dataset_caps_slices_and_reports_skipped_cases(tmp_path):
     assert [r["case"] for r in json.loads(report.read_text())] == ["x", "broken"]
     with pytest.raises(ValueError, match="max_slices"):
         SliceDataset(data, _CountingSlicer(), max_slices=0)
+
+
+def test_transform_hash_tells_functions_apart():
+    from monai.transforms import Lambdad
+    from shared_transforms.datasets import transform_hash
+
+    def double(x):
+        return 2 * x
+
+    def triple(x):
+        return 3 * x
+
+    assert transform_hash([Lambdad("image", double)]) != transform_hash([Lambdad("image", triple)])
+    assert transform_hash([Lambdad("image", lambda x: x + 1)]) != transform_hash([Lambdad("image", lambda x: x - 1)])
+    assert transform_hash([Lambdad("image", double)]) == transform_hash([Lambdad("image", double)])

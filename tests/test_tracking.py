@@ -16,7 +16,7 @@ mlflow = pytest.importorskip("mlflow", reason="needs the mlflow extra: pip insta
 #: bundle -> (phantom kind, phantom options, training overrides); one epoch, smallest sizes
 RUNS = {
     "prostate_mri_transfer": ("prostate", {"cases_per_site": 6, "shape": "(64,64,10)"},
-                              {"sites": ["RUNMC"], "image_size": 64, "encoder": "timm-efficientnet-b0", "batch_size": 8}),
+                              {"sites": ["RUNMC"], "image_size": 64, "encoder": "efficientnet-b0", "batch_size": 8}),
     "liver_ct_mri_transfer": ("liver_mri", {"cases": 10, "shape": "(64,52,8)"},
                               {"image_size": 64, "channels": [8, 16, 32, 64], "batch_size": 8}),
     # tracking is independent of distillation: the student trains without a teacher checkpoint
