@@ -27,7 +27,6 @@ Usage::
 
 from __future__ import annotations
 
-import csv
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from phantoms import prostate  # noqa: E402
+from tables import write_csv  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_PROSTATE = SHARED / "prostate" / "RUNMC"
@@ -133,10 +133,7 @@ def settings(out: str | None = None, seeds: tuple = (0, 1), cases_per_site: int 
     if out:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "n4_settings.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, out_dir / "n4_settings.csv")
         (out_dir / "n4_settings.md").write_text(table + "\n")
     return rows
 

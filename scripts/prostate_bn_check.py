@@ -4,11 +4,13 @@ A model whose BatchNorm running statistics lag its weights predicts well in trai
 statistics) and badly in eval mode (running statistics), which is what evaluation, inference
 and MONAI Label use. For each ``bn_momentum`` this trains the prostate bundle (train.json
 through the MONAI CLI, the given overrides), then scores ``models/model.pt`` on every case
-of the split (training, validation and test) both ways: eval mode, and train mode with one
-case's slices as the batch. Writes ``bn_check.csv`` and ``bn_check.md`` into OUT.
+of the split (training, validation and test) both ways: eval mode, and BatchNorm in train mode
+with one case's slices as the batch (on a copy of the network, everything else in eval mode).
+Writes ``bn_check.csv`` and ``bn_check.md`` into OUT.
 
-    python scripts/prostate_bn_check.py DATA OUT --sites "['RUNMC']" --epochs 25 --image_size 160
-    python scripts/prostate_bn_check.py DATA OUT --momenta "[0.01,0.1]" --encoder efficientnet-b0
+    python scripts/prostate_bn_check.py compare DATA OUT --sites "['RUNMC']" --epochs 25 --image_size 160
+    python scripts/prostate_bn_check.py compare DATA OUT --momenta "[0.01,0.1]" --encoder efficientnet-b0
+    python scripts/prostate_bn_check.py score RUN_ROOT --overrides "{'image_size': 128}"   # one trained run
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ BUNDLE = "prostate_mri_transfer"
 def _case_dice(network, slices: list[dict], batch_statistics: bool) -> float:
     """Dice (%) of one case, pooled over its slices, with BatchNorm's running or batch statistics.
 
-    Works on a copy of the network with only its BatchNorm layers in train mode (dropout and
-    drop-connect stay off), so scoring one case never moves the running statistics that the
-    next case is scored with.
+    Batch statistics are taken on a copy of the network with only its BatchNorm layers in train
+    mode (dropout and drop-connect stay off), so scoring one case never moves the running
+    statistics that the next case is scored with; eval mode changes no state.
     """
-    net = copy.deepcopy(network).eval()
+    net = copy.deepcopy(network).eval() if batch_statistics else network.eval()
     if batch_statistics:
         for m in net.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

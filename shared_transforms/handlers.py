@@ -130,6 +130,7 @@ class LearningCurves:
         self.optimizer = optimizer
         self.rows: list[dict] = []
         self._losses: list[float] = []
+        self._rows_read = False  # reset when a run starts; the CSV is read at its first epoch
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -141,7 +142,7 @@ class LearningCurves:
 
     def _keep_earlier_rows(self, engine) -> None:
         """At the first epoch of a run (a resume is loaded by then), keep the CSV's rows up to the resumed epoch."""
-        if getattr(self, "_rows_read", False):
+        if self._rows_read:
             return
         self._rows_read = True
         path = self.output_dir / "learning_curves.csv"
@@ -234,6 +235,12 @@ def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def confusion_counts(pred: np.ndarray, label: np.ndarray) -> tuple[float, float, float]:
+    """True positives, false positives and false negatives of two boolean masks (pixel counts)."""
+    return (float(np.logical_and(pred, label).sum()), float(np.logical_and(pred, ~label).sum()),
+            float(np.logical_and(~pred, label).sum()))
+
+
 def binary_items(engine, case_key: str = "case", pred_key: str = "pred", label_key: str = "label"):
     """Yield ``(case, pred, label, item)`` for each decollated output item of an evaluator iteration.
 
@@ -287,9 +294,7 @@ class SegmentationReport:
 
     def update(self, engine) -> None:
         for case, pred, label, item in binary_items(engine, self.case_key, self.pred_key, self.label_key):
-            tp = float(np.logical_and(pred, label).sum())
-            fp = float(np.logical_and(pred, ~label).sum())
-            fn = float(np.logical_and(~pred, label).sum())
+            tp, fp, fn = confusion_counts(pred, label)
             self.counts[case] += (tp, fp, fn, 1)
             area = float(label.sum())
             if area > self._best_slice.get(case, (-1.0, None))[0]:
@@ -372,8 +377,7 @@ class CaseDice(Metric):
 
     def iteration_completed(self, engine) -> None:
         for case, pred, label, _ in binary_items(engine, self.case_key, self.pred_key, self.label_key):
-            self.counts[case] += (np.logical_and(pred, label).sum(), np.logical_and(pred, ~label).sum(),
-                                  np.logical_and(~pred, label).sum())
+            self.counts[case] += confusion_counts(pred, label)
 
     def compute(self) -> float:
         counts = dict(self.counts)
