@@ -25,7 +25,8 @@ _EXPORTS = {
     "SelectSlices": "slices",
     "SelectSlicesd": "slices",
 }
-_SUBMODULES = ("datalist", "datasets", "files", "handlers", "labels", "n4", "slices", "utils")
+_SUBMODULES = ("datalist", "datasets", "files", "handlers", "image_check", "inference", "inputs", "labels", "n4", "slices",
+               "utils", "volume_check")
 
 __all__ = [
     "__version__",

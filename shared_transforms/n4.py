@@ -257,6 +257,11 @@ class N4BiasFieldCorrection(Transform):
         if hi <= lo:
             warnings.warn(f"N4: {what} is constant ({lo:g}); left uncorrected.", stacklevel=4)
             return None
+        if arr.ndim > 2 and 1 in arr.shape:  # one slice: N4's B-spline cannot span a zero-length axis, fit in 2D
+            keep = [i for i, n in enumerate(arr.shape) if n > 1]
+            flat = self._correct(arr.reshape([arr.shape[i] for i in keep]), [spacing[i] for i in keep],
+                                 None if mask is None else mask.reshape([arr.shape[i] for i in keep]), what)
+            return None if flat is None else (flat[0].reshape(arr.shape), flat[1].reshape(arr.shape))
         offset = -lo if lo < 0 else 0.0
         shifted = arr + np.float32(offset) if offset else arr
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["source_name", "unwrap_model"]
+__all__ = ["as_bool", "source_name", "unwrap_model"]
 
 
 def source_name(*imgs: Any) -> str:
@@ -22,3 +22,16 @@ def unwrap_model(obj: Any) -> Any:
 
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
     return obj.module if isinstance(obj, wrappers) else obj
+
+
+def as_bool(value: Any, name: str = "flag") -> bool:
+    """A command-line flag as a bool: ``True``/``False`` arrive as bools, but ``--strict false`` arrives
+    as the string ``"false"`` (which ``bool()`` calls true). Anything unrecognised is an error."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "1", "yes", "on"):
+            return True
+        if word in ("false", "0", "no", "off", "none", ""):
+            return False
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    return bool(value)
