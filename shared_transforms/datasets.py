@@ -170,6 +170,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.preparation_seconds = time.perf_counter() - start
         if report_file and self.skipped:
             add_to_report(report_file, self.skipped)
+        self.transform = transform  # the per-slice (random) transforms; a resume restores their random states
         self._dataset = Dataset(self.slices, transform)
 
     def __len__(self) -> int:

@@ -16,7 +16,7 @@ import csv
 import logging
 import math
 import os
-import tempfile
+import random
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,11 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.handlers.checkpoint import BaseSaveHandler
 from ignite.metrics import Metric
-from shared_transforms.files import write_json
-from shared_transforms.utils import unwrap_model
+from monai.handlers import CheckpointSaver
+from shared_transforms.files import atomic_path, remove_stale_partials, write_json
+from shared_transforms.utils import as_bool, unwrap_model
 
-__all__ = ["ResumeCheckpoint", "LearningCurves", "SegmentationReport", "CaseDice", "atomic_torch_save"]
+__all__ = ["ResumeCheckpoint", "AtomicCheckpointSaver", "LearningCurves", "SegmentationReport", "CaseDice",
+           "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,39 +44,157 @@ def _is_main_process() -> bool:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+class _AtomicSave(BaseSaveHandler):
+    """An ignite save handler for MONAI's ``CheckpointSaver``: atomic writes, and removals deferred until
+    the new file is in place, so replacing ``model.pt`` by a better model never leaves it missing or
+    half-written (ignite removes the old file first, then writes the new one)."""
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        self.dirname, self.filename = Path(dirname), filename
+        self._pending: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        target = self.filename or filename
+        if _is_main_process():
+            atomic_torch_save(checkpoint, self.dirname / target)
+            for old in self._pending:
+                if old != target:
+                    (self.dirname / old).unlink(missing_ok=True)
+        self._pending = []
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) whose files are written atomically (temporary file +
+    rename, removals of replaced files after): a run killed while saving keeps the previous ``model.pt``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+            checkpoint = getattr(self, name, None)
+            if checkpoint is not None:
+                inner = checkpoint.save_handler
+                checkpoint.save_handler = _AtomicSave(str(inner.dirname), getattr(inner, "filename", None))
+
+
+def _numpy_state(rs: np.random.RandomState) -> dict:
+    name, keys, pos, has_gauss, gauss = rs.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_state(rs: np.random.RandomState, state: Mapping) -> None:
+    rs.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"]))
+
+
+def random_transforms(engine) -> list:
+    """Every ``Randomizable`` (with its own ``R``) reachable from the engine's training-data transform.
+
+    Dictionary transforms hold their array twin (``RandRotated.rand_rotate``), which draws from
+    its own ``R``: the walk goes through attributes, lists and dicts, in a fixed (sorted) order.
+    """
+    from monai.transforms import Randomizable
+
+    dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
+    found, seen = [], set()
+
+    def walk(obj, depth: int) -> None:
+        if obj is None or id(obj) in seen or depth > 12 or isinstance(obj, (torch.Tensor, np.ndarray, str, bytes, type)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable):
+            found.append(obj)
+        if isinstance(obj, (list, tuple)):
+            children = list(obj)
+        elif isinstance(obj, dict):
+            children = list(obj.values())
+        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+            children = [vars(obj)[k] for k in sorted(vars(obj))]
+        else:
+            return
+        for child in children:
+            walk(child, depth + 1)
+
+    walk(getattr(dataset, "transform", None), 0)
+    return found
+
+
+def rng_state(randomizables=()) -> dict:
+    """Every random generator a training epoch draws from, as tensors and numbers (``weights_only``-loadable):
+    Python's, NumPy's global, torch's (CPU and CUDA), and each random transform's own ``R``."""
+    version, internal, gauss = random.getstate()
+    state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+             "numpy": _numpy_state(np.random.mtrand._rand), "torch": torch.get_rng_state(),
+             "transforms": [_numpy_state(t.R) for t in randomizables]}
+    if torch.cuda.is_available():  # this process's device (one per DDP rank); any device count on resume
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping, randomizables=()) -> None:
+    """Restore what :func:`rng_state` saved (the transforms matched by position)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"]), py["gauss"]))
+    _set_numpy_state(np.random.mtrand._rand, state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.is_tensor(state.get("cuda")) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    saved = state.get("transforms", [])
+    if len(saved) != len(randomizables):
+        logger.warning("resume: %d random transforms saved, %d now: their random states start afresh", len(saved), len(randomizables))
+        return
+    for t, s in zip(randomizables, saved):
+        _set_numpy_state(t.R, s)
+
+
+def _key_metric_savers(engine) -> list:
+    """The MONAI ``CheckpointSaver``s attached to ``engine`` that keep a best-by-key-metric file."""
+    found: list = []
+    for handlers in getattr(engine, "_event_handlers", {}).values():
+        for handler, *_ in handlers:
+            owner = getattr(handler, "__self__", None)
+            if isinstance(owner, CheckpointSaver) and owner._key_metric_checkpoint is not None and all(owner is not f for f in found):
+                found.append(owner)
+    return found
 
 
 class ResumeCheckpoint:
-    """Save ``save_dict``'s state every epoch to ``path``; reload it when the run starts.
+    """Save the whole training state every epoch to ``path``; reload it when the run starts.
 
     Args:
         path: checkpoint file, e.g. ``models/resume/checkpoint.pt`` (auxiliary files live in
             subfolders of ``models/`` so MONAI Label does not offer them as the model).
         save_dict: objects with ``state_dict``/``load_state_dict``: network, optimizer, lr
-            scheduler. The engine it is attached to is added as ``"trainer"`` (epoch, iteration).
+            scheduler. The engine it is attached to is added as ``"trainer"`` (epoch, iteration);
+            its AMP ``GradScaler`` (made by MONAI's ``run()``) is saved as ``"scaler"``.
         resume: when True and ``path`` exists, training continues from the saved epoch.
         fingerprint: a string naming the run (stage, data, fold...). A checkpoint written by a
             run with another fingerprint (e.g. the source stage of a fine-tuning chain sharing
             ``models/``) is not resumed from; it is overwritten.
+        evaluator: the validation engine: its best metric (and epoch) and the tracking list of
+            each key-metric ``CheckpointSaver`` attached to it are saved and restored, so a
+            resumed run overwrites ``model.pt`` only with a better model, as an uninterrupted one.
 
-    Only rank 0 writes under DDP; every rank loads. Loading uses ``weights_only=True``.
+    Besides those, the checkpoint holds every random state an epoch draws from (Python, NumPy,
+    torch CPU/CUDA, each random transform of the training data): saved at the end of an epoch
+    and restored at the start, a resumed run (on CPU, same seed) continues exactly as the
+    uninterrupted run would have, down to the final weights. Only rank 0 writes under DDP; every
+    rank loads. Loading uses ``weights_only=True``.
     """
 
-    def __init__(self, path: str, save_dict: Mapping[str, Any], resume: bool = True, fingerprint: str = "") -> None:
+    def __init__(self, path: str, save_dict: Mapping[str, Any], resume: bool = True, fingerprint: str = "",
+                 evaluator=None) -> None:
         self.path = Path(path)
         self.save_dict = dict(save_dict)
-        self.resume = resume
+        self.resume = as_bool(resume, "resume")
         self.fingerprint = str(fingerprint)
+        self.evaluator = evaluator
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -82,7 +203,33 @@ class ResumeCheckpoint:
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
+    def _best_state(self) -> dict:
+        ev = self.evaluator
+        return {"best_metric": float(ev.state.best_metric), "best_metric_epoch": int(ev.state.best_metric_epoch),
+                "savers": [s._key_metric_checkpoint.state_dict() for s in _key_metric_savers(ev)]}
+
+    def _load_best_state(self, best: Mapping) -> None:
+        ev = self.evaluator
+        ev.state.best_metric, ev.state.best_metric_epoch = best["best_metric"], best["best_metric_epoch"]
+        savers = _key_metric_savers(ev)
+        for saver, state in zip(savers, best["savers"]):
+            checkpoint = saver._key_metric_checkpoint
+            checkpoint.load_state_dict(state)
+            fixed = getattr(checkpoint.save_handler, "filename", None)
+            folder = Path(getattr(checkpoint.save_handler, "dirname", "."))
+            kept = [item for item in checkpoint._saved if (folder / (fixed or item.filename)).is_file()]
+            if len(kept) < len(checkpoint._saved):  # a best model lost (e.g. by a run before atomic saves): save anew
+                logger.warning("resume: %d best-model file(s) missing in %s: the next validation saves one",
+                               len(checkpoint._saved) - len(kept), folder)
+                checkpoint._saved[:] = kept
+        logger.info("resume: best %s so far %.5f (epoch %d)", getattr(ev, "key_metric_name", "metric"),
+                    best["best_metric"], best["best_metric_epoch"])
+
     def load(self, engine) -> None:
+        if _is_main_process():  # temporary files of writes a kill interrupted (checkpoint, model.pt)
+            for folder in {self.path.parent, self.path.parent.parent}:
+                for stale in remove_stale_partials(folder):
+                    logger.info("removed %s (left by an interrupted run)", stale)
         if not (self.resume and self.path.is_file()):
             return
         from ignite.handlers import Checkpoint
@@ -92,6 +239,7 @@ class ResumeCheckpoint:
         if saved_fingerprint != self.fingerprint:
             logger.warning("not resuming from %s: it belongs to another run (%s)", self.path, saved_fingerprint)
             return
+        rng, best, scaler = state.pop("rng", None), state.pop("best", None), state.pop("scaler", None)
         missing = [k for k in self.save_dict if k not in state]
         if "model" in missing:
             raise ValueError(f"{self.path}: no 'model' in the resume checkpoint (keys: {sorted(state)})")
@@ -100,6 +248,14 @@ class ResumeCheckpoint:
         max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load={k: unwrap_model(v) for k, v in self.save_dict.items() if k in state}, checkpoint=state)
         engine.state.max_epochs = max_epochs  # a resumed run may be asked for more epochs than the first
+        if scaler and getattr(engine, "scaler", None) is not None:  # MONAI makes it in run(), before STARTED
+            engine.scaler.load_state_dict(scaler)
+        if best is not None and self.evaluator is not None:
+            self._load_best_state(best)
+        if rng is not None:
+            set_rng_state(rng, random_transforms(engine))
+        else:
+            logger.warning("%s has no random states (an older checkpoint): the resumed run will not repeat the original", self.path)
         logger.info(
             "resumed from %s at epoch %d (iteration %d)", self.path, engine.state.epoch, engine.state.iteration
         )
@@ -107,6 +263,12 @@ class ResumeCheckpoint:
     def save(self, engine) -> None:
         if _is_main_process():
             state = {k: unwrap_model(v).state_dict() for k, v in self.save_dict.items()}
+            state["rng"] = rng_state(random_transforms(engine))
+            scaler = getattr(engine, "scaler", None)
+            if scaler is not None and scaler.is_enabled():  # AMP's loss scale, so the resumed steps scale alike
+                state["scaler"] = scaler.state_dict()
+            if self.evaluator is not None:
+                state["best"] = self._best_state()
             atomic_torch_save({**state, "fingerprint": self.fingerprint}, self.path)
 
 
