@@ -700,5 +700,100 @@ def cardiac(out_dir: str, subjects: int = 8, ood_subjects: int = 3, sa_shape: Se
     return {"summary": summary, "root": str(out), "subjects": subjects, "ood_subjects": ood_subjects}
 
 
+def bad_inputs(out_dir: str, source: str, kind: str = "volume") -> dict:
+    """Write an inference corpus of 2 good inputs and malformed copies of ``source``, all in one folder.
+
+    ``kind="volume"`` (``source``: one 3D NIfTI): ``good.nii.gz``, ``bön case 2.nii.gz`` (good,
+    non-ASCII name with spaces), and ``truncated``, ``zero_size``, ``not_an_image`` (text),
+    ``nan_voxels``, ``constant``, ``four_d`` (2 frames), ``single_slice`` (H, W, 1), ``tiny_8x8``,
+    ``zero_spacing`` (pixdim 0, no qform/sform), ``singular_affine`` (a zero column) and
+    ``sheared`` (non-orthogonal affine). ``kind="rgb"`` (``source``: one RGB PNG/JPEG):
+    ``good.png``, ``bön frame 2.jpg`` and ``rgba``, ``grey16`` (16-bit), ``grey8``, ``palette``,
+    ``constant``, ``truncated.jpg``, ``zero_size``, ``not_an_image`` (text), ``tiny_4x4``.
+
+    Returns ``{"expected": {file name: "ok" | "fixed" | "skipped"}}`` and writes it to ``expected.json``
+    beside the folder: "fixed" inputs get a mask and a warning, "skipped" ones only a reason.
+    """
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = b"patient notes, not an image\n" * 8
+    expected: dict[str, str] = {}
+    if kind == "volume":
+        import nibabel as nib
+
+        img = nib.load(source)
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        if data.ndim != 3:
+            raise ValueError(f"{source}: a 3D volume is needed to derive the corpus, got shape {data.shape}")
+        aff = img.affine
+
+        def put(name: str, array: np.ndarray, affine: np.ndarray, status: str) -> None:
+            save_nifti(out / name, array, affine, np.float32)
+            expected[name] = status
+
+        put("good.nii.gz", data, aff, "ok")
+        put("bön case 2.nii.gz", data[::-1].copy(), aff, "ok")
+        raw = (out / "good.nii.gz").read_bytes()
+        (out / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+        (out / "zero_size.nii.gz").write_bytes(b"")
+        (out / "not_an_image.nii.gz").write_bytes(text)
+        expected.update({"truncated.nii.gz": "skipped", "zero_size.nii.gz": "skipped", "not_an_image.nii.gz": "skipped"})
+        nan = data.copy()
+        nan[: data.shape[0] // 4, : data.shape[1] // 4] = np.nan
+        put("nan_voxels.nii.gz", nan, aff, "fixed")
+        put("constant.nii.gz", np.full_like(data, 100.0), aff, "fixed")
+        put("four_d.nii.gz", np.stack([data, data], axis=-1), aff, "skipped")
+        put("single_slice.nii.gz", data[..., data.shape[2] // 2: data.shape[2] // 2 + 1], aff, "ok")
+        put("tiny_8x8.nii.gz", data[:8, :8], aff, "skipped")
+        flat = nib.Nifti1Image(data, None)  # no qform/sform: the affine comes from pixdim, here 0
+        flat.header.set_zooms((0.0, 0.0, 0.0))
+        nib.save(flat, str(out / "zero_spacing.nii.gz"))
+        expected["zero_spacing.nii.gz"] = "skipped"
+        singular = aff.copy()
+        singular[:3, 2] = 0.0
+        broken = nib.Nifti1Image(data, None)  # an sform that maps every slice to the same place; no qform
+        broken.set_sform(singular, code=1)
+        broken.set_qform(None, code=0)
+        nib.save(broken, str(out / "singular_affine.nii.gz"))
+        expected["singular_affine.nii.gz"] = "skipped"
+        sheared = aff.copy()
+        sheared[:3, 1] += 0.3 * aff[:3, 0]
+        put("sheared.nii.gz", data, sheared, "fixed")
+    elif kind == "rgb":
+        from PIL import Image
+
+        with Image.open(source) as im:
+            rgb = im.convert("RGB")
+        w, h = rgb.size
+        rgb.save(out / "good.png")
+        rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out / "bön frame 2.jpg", quality=95)
+        expected.update({"good.png": "ok", "bön frame 2.jpg": "ok"})
+        rgba = rgb.copy()
+        rgba.putalpha(200)
+        rgba.save(out / "rgba.png")
+        grey = np.asarray(rgb.convert("L"), dtype=np.uint16)
+        Image.fromarray(grey * 257).save(out / "grey16.png")  # 16-bit grey (mode I;16)
+        rgb.convert("L").save(out / "grey8.png")
+        rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(out / "palette.png")
+        Image.new("RGB", (w, h), (90, 60, 50)).save(out / "constant.png")
+        expected.update({n: "fixed" for n in ("rgba.png", "grey16.png", "grey8.png", "palette.png", "constant.png")})
+        rgb.save(out / "whole.jpg", quality=95)
+        raw = (out / "whole.jpg").read_bytes()
+        (out / "whole.jpg").unlink()
+        (out / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+        (out / "zero_size.png").write_bytes(b"")
+        (out / "not_an_image.png").write_bytes(text)
+        rgb.resize((4, 4)).save(out / "tiny_4x4.png")
+        expected.update({n: "skipped" for n in ("truncated.jpg", "zero_size.png", "not_an_image.png", "tiny_4x4.png")})
+    else:
+        raise ValueError(f"kind must be 'volume' or 'rgb', got {kind!r}")
+    (out.parent / f"{out.name}_expected.json").write_text(json.dumps(expected, indent=4, ensure_ascii=False))
+    counts = {k: sum(v == k for v in expected.values()) for k in ("ok", "fixed", "skipped")}
+    return {"summary": f"bad-input corpus ({kind}): {counts} -> {out}", "expected": expected}
+
+
 if __name__ == "__main__":
-    fire.Fire({"prostate": prostate, "liver_ct": liver_ct, "liver_mri": liver_mri, "polyp": polyp, "cardiac": cardiac}, serialize=_summary_line)
+    fire.Fire({"prostate": prostate, "liver_ct": liver_ct, "liver_mri": liver_mri, "polyp": polyp, "cardiac": cardiac,
+               "bad_inputs": bad_inputs}, serialize=_summary_line)

@@ -643,7 +643,7 @@ def test_monai_label_style_inference_single_volume(chain, tmp_path):
         data['pred'] = p.get_parsed_content('inferer')(data['image'][None], net)[0]
         from monai.transforms import SaveImaged
         post = [t for t in p.get_parsed_content('postprocessing').transforms if not isinstance(t, SaveImaged)]
-        assert len(post) == 2  # MONAI Label drops the writer (a SaveImaged subclass) and adds its own
+        assert len(post) == 3  # MONAI Label drops the writer (a SaveImaged subclass) and adds its own
         for t in post:
             data = t(data)
         assert data['pred'].dtype == torch.uint8 and data['pred'].shape[1:] == data['image'].shape[1:]

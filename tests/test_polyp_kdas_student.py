@@ -551,7 +551,8 @@ def test_inference_any_size_to_binary_png(chain, tmp_path):
         assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
         assert Image.open(out / f"{stem}_prob.png").size == size
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{s}.png" for s in ("wide", "grey", "frame")] + [f"{s}_prob.png" for s in ("wide", "grey", "frame")])
+        [f"{s}.png" for s in ("wide", "grey", "frame")] + [f"{s}_prob.png" for s in ("wide", "grey", "frame")]
+        + ["inference_report.json"])
 
 
 

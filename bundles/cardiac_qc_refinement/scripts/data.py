@@ -30,6 +30,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import CropForeground, MapTransform, NormalizeIntensity, Resize, ResizeWithPadOrCrop
 from shared_transforms.datalist import BAD_CASES_FILE, fold_datalist, scan_cases, split_cases, write_json
+from shared_transforms.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -275,9 +276,9 @@ class SaveMaskd(SaveImaged):
                 img.header.set_slope_inter(1.0, 0.0)
             else:
                 img = nib.Nifti1Image(arr, np.asarray(getattr(pred, "affine", np.eye(4)), dtype=float))
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             path = self.out_dir / f"{_stem(source or 'volume')}_{self.postfix}.nii.gz"
-            nib.save(img, str(path))
+            with atomic_path(path) as tmp:  # never a half-written mask
+                nib.save(img, str(tmp))
             if self.verbose:
                 logger.info("wrote %s", path)
         return d

@@ -21,6 +21,9 @@ import torch
 from monai.data import MetaTensor
 from monai.metrics import compute_hausdorff_distance
 
+from shared_transforms.files import write_json
+from shared_transforms.utils import as_bool
+
 from .data import _stem, invert_volume, phase_of, preprocess_volume, spacing_from_meta
 
 logger = logging.getLogger(__name__)
@@ -215,6 +218,10 @@ class QCInferer:
     validation-set thresholds saved in ``calibration_file`` are used. ``ood_rule`` decides the flag.
     ``use_qc=False`` predicts with ``network`` alone (no selection); R still scores that
     prediction, so the report (``selection_rule: "single"``) and the /infer summary are there.
+
+    The set's thresholds are saved to ``report_dir/qc_thresholds.json``. With ``overwrite`` False
+    (the inference default) a rerun over the same folder, which screens only the inputs whose mask
+    is missing, reuses them: an interrupted run finishes with the verdicts of an uninterrupted one.
     """
 
     def __init__(self, qc_network: torch.nn.Module | None, qc_ckpt: str | None, candidates_dir: str | None,
@@ -222,7 +229,7 @@ class QCInferer:
                  calibration_file: str | None = None, use_qc: bool = True, slice_batch_size: int = 16,
                  min_set_size: int = 4, threshold_source: str = "set", num_classes: int = 4,
                  threshold_pooling: str = "all_pairs", ood_rule: str = "every_candidate",
-                 split_by_phase: bool = False) -> None:
+                 split_by_phase: bool = False, overwrite: bool = True) -> None:
         _check("threshold_source", threshold_source, ("set", "calibration"))
         self.threshold_pooling = _check("threshold_pooling", threshold_pooling, POOLINGS)
         self.ood_rule = _check("ood_rule", ood_rule, OOD_RULES)
@@ -232,6 +239,7 @@ class QCInferer:
         self.target_spacing = [float(s) for s in target_spacing]
         self.image_size, self.slice_batch_size = int(image_size), int(slice_batch_size)
         self.report_dir = report_dir
+        self.overwrite = as_bool(overwrite, "overwrite")
         self.calibration_file = calibration_file
         self.use_qc, self.min_set_size, self.threshold_source = use_qc, int(min_set_size), threshold_source
         self.num_classes = num_classes
@@ -329,8 +337,12 @@ class QCInferer:
     def screen(self, data: Sequence[Mapping[str, Any]], network: torch.nn.Module | None = None, loader=None) -> dict[str, Any]:
         """Compute pDC/pHD of every candidate on every volume of ``data`` and set the IQR thresholds over the set.
 
-        With fewer than ``min_set_size`` volumes (or ``threshold_source="calibration"``) the saved
-        validation-set thresholds are used. Returns the thresholds and the per-volume measures.
+        ``data``: dicts whose ``"image"`` is a path (loaded with ``loader``) or an already loaded
+        ``(1, H, W, Z)`` volume (a :class:`~shared_transforms.inference.ReportingDataset`'s items).
+        Items that could not be prepared (``input_error``) or are constant images
+        (``constant_input``) are left out of the set; the evaluator reports them. With fewer than
+        ``min_set_size`` volumes (or ``threshold_source="calibration"``) the saved validation-set
+        thresholds are used. Returns the thresholds and the per-volume measures.
         """
         from monai.transforms import EnsureChannelFirst, LoadImage
 
@@ -339,14 +351,43 @@ class QCInferer:
             self.thresholds = saved  # nothing to compute over the set
             return {**saved, "volumes": []}
         load = loader or (lambda p: EnsureChannelFirst()(LoadImage(image_only=True)(p)))
+        names = [str(d.get("input_file", d["image"] if isinstance(d.get("image"), str)
+                            else getattr(d.get("image"), "meta", {}).get("filename_or_obj", ""))) for d in data]
+        earlier = self._earlier_set([n for d, n in zip(data, names) if not (d.get("input_error") or d.get("constant_input"))])
+        if earlier is not None:
+            self.thresholds = earlier["thresholds"]
+            logger.info("QC thresholds of the earlier run over %d volumes reused (%s; overwrite: false)",
+                        len(earlier["volumes"]), self._thresholds_file())
+            return {**self.thresholds, "volumes": earlier["volumes"]}
         rows = []
-        for d in data:
-            res = self.evaluate_candidates(load(d["image"])[None], network)
-            rows.append({"image": d["image"], "phase": phase_of(d["image"]),
+        for d, name in zip(data, names):
+            if d.get("input_error") or d.get("constant_input"):
+                continue
+            image = d["image"]
+            try:
+                res = self.evaluate_candidates((load(image) if isinstance(image, str) else image)[None], network)
+            except Exception as e:  # left out of the set; the evaluator meets it again and reports it
+                logger.warning("QC screening: %s left out of the set (%s: %s)", name, type(e).__name__, e)
+                continue
+            rows.append({"image": name, "phase": phase_of(name),
                          "pDC": [m["pDC"]["RV"] for m in res["measures"]],
                          "pHD": [m["pHD"]["RV"] for m in res["measures"]]})
         self.thresholds = self.thresholds_for(rows)
+        if self.report_dir and rows:
+            write_json(self._thresholds_file(), {"thresholds": self.thresholds, "volumes": rows})
         return {**self.thresholds, "volumes": rows}
+
+    def _thresholds_file(self) -> Path:
+        return Path(self.report_dir or ".") / "qc_thresholds.json"
+
+    def _earlier_set(self, names: Sequence[str]) -> dict | None:
+        """The saved set of an earlier run over a superset of ``names``, when ``overwrite`` is False."""
+        path = self._thresholds_file()
+        if self.overwrite or not self.report_dir or not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        screened = {v["image"] for v in saved.get("volumes", [])}
+        return saved if screened and set(names) <= screened | {""} else None
 
     def thresholds_for(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         saved = self.saved_thresholds()
