@@ -13,7 +13,9 @@ environment and passes ``--monailabel``). Steps:
    for 3-channel RGB inputs, a NIfTI volume otherwise), plus labelled prostate phantoms for
    training;
 4. ``monailabel start_server ... --conf models <all> --conf zoo_source github`` on 127.0.0.1;
-   ``GET /info/`` lists every bundle with its labels and dimension; ``POST /infer/<bundle>``
+   ``GET /info/`` lists every bundle with its labels and dimension; a bad upload (truncated NIfTI,
+   text named .png) gets an ``InputError`` naming the file in the server log, and the server goes
+   on serving; ``POST /infer/<bundle>``
    returns a label of the image's shape for every bundle; ``POST /train/<train_bundle>``
    with ``max_epochs`` 1 completes and writes a checkpoint.
 
@@ -131,6 +133,7 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
     # the monailabel launcher runs `python -m monailabel.main`: its environment's python must come first
     ml_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     ml_env["PATH"] = f"{Path(monailabel).parent}{os.pathsep}{ml_env.get('PATH', '')}"
+    ml_env["PYTHONUNBUFFERED"] = "1"  # the server log is read while it runs
     names = list(names) if names else bundle_names()
     results: list[bool] = []
 
@@ -172,6 +175,17 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
     for name in names:
         meta = json.loads((app / "model" / name / "configs" / "metadata.json").read_text())
         samples[name] = sample_image(meta, studies, f"sample_{name}", rng)
+    # bad uploads: a truncated NIfTI and a text file named .png must get the bundle's one-line reason in the log
+    bad = {}
+    for name in names:
+        good = samples[name]
+        if good.name.endswith(".nii.gz"):
+            raw = good.read_bytes()
+            bad[name] = studies / f"bad_upload_{name}.nii.gz"
+            bad[name].write_bytes(raw[: len(raw) // 2])
+        elif good.suffix == ".png":
+            bad[name] = studies / f"bad_upload_{name}.png"
+            bad[name].write_bytes(b"patient notes, not an image\n" * 8)
     prostate = qs / "data" / "prostate" / "RUNMC"
     for image in sorted(p for p in prostate.glob("*.nii.gz") if "_segmentation" not in p.name.lower())[:5]:
         stem = image.name[: -len(".nii.gz")]
@@ -212,6 +226,21 @@ def main(monailabel: str, work_dir: str = "monailabel_check", epochs: int = 1, t
                    f"/info/ lists {name}: labels {listed.get('labels')} (expected {labels}), "
                    f"dimension {listed.get('dimension')} (expected {len(image['spatial_shape'])})")
 
+        for name, path in bad.items():  # before the good requests: the server must go on serving
+            image_id = path.name.split(".")[0]
+            try:
+                body, headers = _multipart({"params": "{}"})
+                _request(f"{url}/infer/{name}?image={image_id}&output=all", body, headers)
+                report(False, f"/infer/{name}?image={image_id}: a bad upload was answered as if it were good")
+            except urllib.error.HTTPError as e:
+                named = []
+                for _ in range(20):  # the traceback reaches the log just after the answer
+                    named = [ln.strip() for ln in open(work / "server.log") if f"{path.name}: " in ln and "InputError" in ln]
+                    if named:
+                        break
+                    time.sleep(0.5)
+                report(bool(named), f"/infer/{name}?image={image_id}: HTTP {e.code}; server log: "
+                                    f"{named[-1][:300] if named else 'no InputError naming the file'}")
         for name in names:
             image_id = samples[name].name.split(".")[0]
             try:
