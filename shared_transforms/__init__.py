@@ -25,8 +25,8 @@ _EXPORTS = {
     "SelectSlices": "slices",
     "SelectSlicesd": "slices",
 }
-_SUBMODULES = ("datalist", "datasets", "files", "handlers", "image_check", "inference", "inputs", "labels", "n4", "slices",
-               "utils", "volume_check")
+_SUBMODULES = ("datalist", "datalist_file", "datasets", "files", "handlers", "image_check", "inference", "inputs",
+               "labels", "n4", "slices", "splits", "utils", "volume_check")
 
 __all__ = [
     "__version__",

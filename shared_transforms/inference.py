@@ -29,6 +29,7 @@ from monai.data import Dataset
 from monai.data.image_writer import NibabelWriter, PILWriter
 from monai.engines import SupervisedEvaluator
 
+from .datalist_file import case_id
 from .files import atomic_path, remove_stale_partials, write_json
 from .inputs import InputError, InputWarning, root_cause
 from .utils import as_bool
@@ -50,14 +51,6 @@ def reason_of(e: BaseException) -> str:
         chain = chain.__cause__
     cause = root_cause(e)
     return f"{type(cause).__name__}: {cause}"
-
-
-def _stem(path: str | os.PathLike) -> str:
-    """File name without its extension(s) (``.nii.gz`` counts as one), as MONAI's ``SaveImaged`` names outputs."""
-    stem, ext = os.path.splitext(os.path.basename(str(path)))
-    if ext == ".gz":
-        stem = os.path.splitext(stem)[0]
-    return stem
 
 
 class InferenceReport:
@@ -86,7 +79,7 @@ class InferenceReport:
         return self.output_dir / REPORT_FILE
 
     def output_path(self, file: str | os.PathLike) -> Path:
-        return self.output_dir / self.output_name.format(stem=_stem(file))
+        return self.output_dir / self.output_name.format(stem=case_id(file))
 
     # ------------------------------------------------------------------ recording
     def _entry(self, file: str | os.PathLike) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import CropForeground, MapTransform, NormalizeIntensity, Resize, ResizeWithPadOrCrop
 from shared_transforms.datalist import BAD_CASES_FILE, fold_datalist, scan_cases, split_cases, write_json
+from shared_transforms.datalist_file import case_id as _stem, read_datalist_file
 from shared_transforms.files import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,6 @@ __all__ = [
 
 CLASSES = {"0": "background", "1": "LV", "2": "MYO", "3": "RV"}
 _FILE = re.compile(r"^(?P<subject>\d+)_(?P<view>SA|LA)_(?P<phase>ED|ES|CINE)(?P<gt>_gt)?\.nii(\.gz)?$")
-
-
-def _stem(path: str | Path) -> str:
-    name = Path(path).name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") else Path(name).stem
 
 
 def phase_of(path: str | Path) -> str | None:
@@ -89,19 +85,29 @@ def find_mnms2_cases(dataset_dir: str, view: str = "SA") -> list[dict]:
 
 
 def mnms2_datalist(dataset_dir: str, view: str = "SA", test_fraction: float = 0.2, n_folds: int = 5, fold: int = 0,
-                   seed: int = 0, output_dir: str | None = None) -> dict[str, list]:
+                   seed: int = 0, output_dir: str | None = None, datalist_file: str | None = None) -> dict[str, list]:
     """Labelled subjects split per subject into training / validation / test; unlabelled images listed apart.
 
-    Writes ``datalist_<view>.json`` and ``bad_cases.json`` into ``output_dir`` when given.
+    With ``datalist_file`` (a MONAI/Decathlon datalist JSON of short-axis volumes and their
+    0/1/2/3 = background/LV/myocardium/RV labels; an optional ``"unlabelled"`` list) its lists
+    are used instead of ``dataset_dir``; without a ``"validation"`` list, 1/``n_folds`` of the
+    training subjects (``"subject"`` when every item has one) validate.
+    Writes ``datalist_<view>.json`` (usable as ``datalist_file``) and ``bad_cases.json`` into
+    ``output_dir`` when given.
     """
-    cases = find_mnms2_cases(dataset_dir, view)
-    labelled = [c for c in cases if c["label"]]
-    unlabelled = [{k: v for k, v in c.items() if k != "label"} for c in cases if not c["label"]]
-    good, bad = scan_cases(labelled)
-    if not good:
-        raise FileNotFoundError(f"no labelled NNN_{view}_(ED|ES).nii[.gz] with _gt under {dataset_dir}")
-    split = split_cases(good, test_fraction=test_fraction, n_folds=n_folds, seed=seed, patient_key="subject")
-    datalist = {**fold_datalist(split, fold), "unlabelled": unlabelled}
+    if datalist_file:
+        datalist = read_datalist_file(datalist_file, scan_cases, val_fraction=1 / n_folds, seed=seed,
+                                      patient_key="subject", extra_keys=["unlabelled"])
+        bad = datalist.pop("bad_cases")
+    else:
+        cases = find_mnms2_cases(dataset_dir, view)
+        labelled = [c for c in cases if c["label"]]
+        unlabelled = [{k: v for k, v in c.items() if k != "label"} for c in cases if not c["label"]]
+        good, bad = scan_cases(labelled)
+        if not good:
+            raise FileNotFoundError(f"no labelled NNN_{view}_(ED|ES).nii[.gz] with _gt under {dataset_dir}")
+        split = split_cases(good, test_fraction=test_fraction, n_folds=n_folds, seed=seed, patient_key="subject")
+        datalist = {**fold_datalist(split, fold), "unlabelled": unlabelled}
     if output_dir:
         write_json(Path(output_dir) / f"datalist_{view}.json", datalist)
         write_json(Path(output_dir) / BAD_CASES_FILE, bad)

@@ -24,6 +24,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from shared_transforms import SelectSlices
 from shared_transforms.datalist import BAD_CASES_FILE, scan_cases, split_cases, write_json
+from shared_transforms.datalist_file import read_datalist_file
 
 logger = logging.getLogger(__name__)
 
@@ -88,28 +89,53 @@ def _report(output_dir: str | None, name: str, datalist: dict) -> None:
         write_json(Path(output_dir) / BAD_CASES_FILE, datalist["bad_cases"])
 
 
-def prepare_ct_datalist(dataset_dir: str, val_fraction: float = 0.1, seed: int = 0, output_dir: str | None = None) -> dict:
-    """LiTS cases, cleaned (unreadable, mismatched or unlabelled volumes dropped and reported), split per volume."""
-    cases, rejected = find_lits_cases(dataset_dir)
-    good, bad = scan_cases(cases, known_bad=rejected)
-    split = split_cases(good, test_fraction=val_fraction, n_folds=1, seed=seed)
-    datalist = {"training": split["folds"][0], "validation": split["test"] or split["folds"][0][-1:], "bad_cases": bad}
+def prepare_ct_datalist(dataset_dir: str, val_fraction: float = 0.1, seed: int = 0, output_dir: str | None = None,
+                        datalist_file: str | None = None) -> dict:
+    """LiTS cases, cleaned (unreadable, mismatched or unlabelled volumes dropped and reported), split per volume.
+
+    With ``datalist_file`` (a MONAI/Decathlon datalist JSON of CT volumes) its lists are used instead.
+    """
+    if datalist_file:
+        datalist = read_datalist_file(datalist_file, scan_cases, val_fraction=val_fraction, seed=seed)
+        bad = datalist["bad_cases"]
+    else:
+        cases, rejected = find_lits_cases(dataset_dir)
+        good, bad = scan_cases(cases, known_bad=rejected)
+        split = split_cases(good, test_fraction=val_fraction, n_folds=1, seed=seed)
+        datalist = {"training": split["folds"][0], "validation": split["test"], "bad_cases": bad}
+    datalist["validation"] = datalist["validation"] or datalist["training"][-1:]
     _report(output_dir, "datalist_ct.json", datalist)
     logger.info("CT datalist: %d training, %d validation volumes; %d dropped", len(datalist["training"]), len(datalist["validation"]), len(bad))
     return datalist
 
 
 def prepare_mri_datalist(
-    dataset_dir: str, n_test: int = 4, n_val: int = 1, output_dir: str | None = None
+    dataset_dir: str, n_test: int = 4, n_val: int = 1, output_dir: str | None = None, datalist_file: str | None = None
 ) -> dict:
     """MRI cases, cleaned; the LAST ``n_test`` cases (natural order of folder names) are the test set, as in the report.
 
     The ``n_val`` cases before them validate during training (best checkpoint); with
     ``n_val=0``, as in the report, nothing validates and the final epoch's model is kept. The
-    split is written to ``datalist_mri.json``.
+    split is written to ``datalist_mri.json`` (usable as ``datalist_file``).
+
+    With ``datalist_file`` (a MONAI/Decathlon datalist JSON) its lists are used instead of
+    ``dataset_dir`` and ``n_test``; ``n_val`` still says whether validation runs: without a
+    ``"validation"`` list the last ``n_val`` training cases validate, and with ``n_val=0`` a
+    ``"validation"`` list is not used.
     """
     if n_test < 1 or n_val < 0:
         raise ValueError(f"n_test must be >= 1 and n_val >= 0, got n_test={n_test}, n_val={n_val}")
+    if datalist_file:
+        datalist = read_datalist_file(datalist_file, scan_cases, val_fraction=0.0)
+        if n_val == 0 and datalist["validation"]:
+            logger.warning("n_val is 0: the %d validation cases of %s are not used", len(datalist["validation"]), datalist_file)
+            datalist["validation"] = []
+        elif n_val > 0 and not datalist["validation"]:
+            if len(datalist["training"]) <= n_val:
+                raise ValueError(f"{datalist_file}: {len(datalist['training'])} training cases, need more than n_val = {n_val}")
+            datalist["training"], datalist["validation"] = datalist["training"][:-n_val], datalist["training"][-n_val:]
+        _report(output_dir, "datalist_mri.json", datalist)
+        return datalist
     good, bad = scan_cases(find_mri_cases(dataset_dir))
     if len(good) <= n_test + n_val:
         raise ValueError(f"{dataset_dir}: {len(good)} usable cases, need more than n_test + n_val = {n_test + n_val}")

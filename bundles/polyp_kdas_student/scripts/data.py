@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from shared_transforms.datalist_file import read_datalist_file
 from shared_transforms.files import BAD_CASES_FILE, write_json
 
-__all__ = ["IMAGE_SUFFIXES", "MASK_SUFFIXES", "scan_pairs", "polyp_datalist", "EnsureRGBd", "BinarizeMaskd", "list_rgb_images"]
+__all__ = ["IMAGE_SUFFIXES", "MASK_SUFFIXES", "check_pair", "scan_items", "scan_pairs", "polyp_datalist", "EnsureRGBd", "BinarizeMaskd", "list_rgb_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,34 @@ def _read_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
+def check_pair(image: str | Path, mask: str | Path | None) -> tuple[str, str] | None:
+    """``None`` when the image and its mask decode completely and have one size, otherwise ``(file, reason)``."""
+    if mask is None:
+        return (str(image), "no mask with this stem")
+    sizes = {}
+    for path in (Path(image), Path(mask)):
+        try:
+            sizes[path] = _read_size(path)
+        except Exception as e:  # PIL raises several types for broken files
+            return (str(path), f"cannot read: {type(e).__name__}: {e}")
+    if sizes[Path(image)] != sizes[Path(mask)]:
+        return (str(mask), f"image/mask size mismatch: {sizes[Path(image)]} vs {sizes[Path(mask)]}")
+    return None
+
+
+def scan_items(items: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(good, bad)`` of ``{"image", "label", "case", ...}`` items (a user's datalist), checked by :func:`check_pair`."""
+    good, bad = [], []
+    for item in items:
+        problem = check_pair(item["image"], item.get("label"))
+        if problem is None:
+            good.append(item)
+        else:
+            bad.append({"case": item["case"], "file": problem[0], "reason": problem[1]})
+            logger.warning("skipping %s: %s (%s)", item["case"], problem[1], problem[0])
+    return good, bad
+
+
 def scan_pairs(folder: str | Path, set_name: str = "train") -> tuple[list[dict], list[dict]]:
     """``(good, bad)`` image/mask pairs of ``folder/images`` and ``folder/masks``.
 
@@ -58,44 +87,59 @@ def scan_pairs(folder: str | Path, set_name: str = "train") -> tuple[list[dict],
     good, bad = [], []
     for stem in sorted(set(images) | set(masks)):
         case = f"{set_name}/{stem}"
-        if stem not in masks:
-            bad.append({"case": case, "file": str(images[stem]), "reason": "no mask with this stem"})
-            continue
         if stem not in images:
             bad.append({"case": case, "file": str(masks[stem]), "reason": "no image with this stem"})
-            continue
-        sizes = {}
-        for path in (images[stem], masks[stem]):
-            try:
-                sizes[path] = _read_size(path)
-            except Exception as e:  # PIL raises several types for broken files
-                bad.append({"case": case, "file": str(path), "reason": f"cannot read: {type(e).__name__}: {e}"})
-                break
+        elif problem := check_pair(images[stem], masks.get(stem)):
+            bad.append({"case": case, "file": problem[0], "reason": problem[1]})
         else:
-            if sizes[images[stem]] != sizes[masks[stem]]:
-                bad.append({"case": case, "file": str(masks[stem]),
-                            "reason": f"image/mask size mismatch: {sizes[images[stem]]} vs {sizes[masks[stem]]}"})
-                continue
             good.append({"image": str(images[stem]), "label": str(masks[stem]), "case": stem, "set": set_name})
     for b in bad:
         logger.warning("skipping %s: %s (%s)", b["case"], b["reason"], b["file"])
     return good, bad
 
 
+def _subset(items: list[dict], fraction: float, seed: int) -> list[dict]:
+    """``fraction`` of ``items`` (at least one), chosen by ``seed``; a smaller fraction gives a subset of a larger one."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(items))]
+    kept = set(order[: max(1, int(round(len(items) * fraction)))] if items else [])
+    return [c for i, c in enumerate(items) if i in kept]
+
+
 def polyp_datalist(dataset_dir: str, output_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
-                   train_fraction: float = 1.0) -> dict:
+                   train_fraction: float = 1.0, datalist_file: str | None = None) -> dict:
     """Training / validation lists from ``TrainDataset`` and one test list per ``TestDataset/<set>``.
 
     ``val_fraction`` of the training pairs (at least one) is held out for model selection,
     chosen by ``seed``; of the rest, ``train_fraction`` (at least one pair, chosen by ``seed``)
     is trained on (1.0: all; smaller for low-data experiments such as the KD sanity check).
-    Writes ``datalist.json`` and ``bad_cases.json`` into ``output_dir``.
+    With ``datalist_file`` (a MONAI/Decathlon datalist JSON of image/mask pairs; test items may
+    name their set in ``"set"``) its lists are used instead of ``dataset_dir``. Writes
+    ``datalist.json`` (usable as ``datalist_file``) and ``bad_cases.json`` into ``output_dir``.
 
     Returns:
         ``{"training": [...], "validation": [...], "test": [...], "test_sets": [names]}``;
         test items carry their set name in ``"set"``.
     """
-    root = Path(dataset_dir)
+    if datalist_file:
+        lists = read_datalist_file(datalist_file, scan_items, val_fraction=val_fraction, seed=seed)
+        training, validation, bad = _subset(lists["training"], train_fraction, seed), lists["validation"], lists["bad_cases"]
+        test = [{"set": "test", **c} for c in lists["test"]]
+        test_sets = list(dict.fromkeys(c["set"] for c in test))
+    else:
+        training, validation, test, test_sets, bad = _scan_layout(Path(dataset_dir), val_fraction, seed, train_fraction)
+    result = {"training": training, "validation": validation, "test": test, "test_sets": test_sets}
+    if output_dir:
+        write_json(Path(output_dir) / "datalist.json", result)
+        write_json(Path(output_dir) / BAD_CASES_FILE, bad)
+    logger.info("%d training, %d validation, %d test pairs (%s); %d skipped",
+                len(training), len(validation), len(test), ", ".join(test_sets) or "no test set", len(bad))
+    return result
+
+
+def _scan_layout(root: Path, val_fraction: float, seed: int, train_fraction: float) -> tuple:
+    """The PraNet layout's training, validation and test pairs, test set names and skipped pairs."""
     if not (root / "TrainDataset").is_dir() and not (root / "TestDataset").is_dir():
         raise FileNotFoundError(f"{root}: neither TrainDataset/ nor TestDataset/ found (PraNet layout expected)")
     train, bad = scan_pairs(root / "TrainDataset", "train")
@@ -116,13 +160,7 @@ def polyp_datalist(dataset_dir: str, output_dir: str | None = None, val_fraction
         test += good
         bad += set_bad
         test_sets.append(name)
-    result = {"training": training, "validation": validation, "test": test, "test_sets": test_sets}
-    if output_dir:
-        write_json(Path(output_dir) / "datalist.json", result)
-        write_json(Path(output_dir) / BAD_CASES_FILE, bad)
-    logger.info("%d training, %d validation, %d test pairs (%s); %d skipped",
-                len(training), len(validation), len(test), ", ".join(test_sets) or "no test set", len(bad))
-    return result
+    return training, validation, test, test_sets, bad
 
 
 def list_rgb_images(folder: str) -> list[dict[str, str]]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared_transforms.datalist import BAD_CASES_FILE, PROSTATE_SITES, fold_datalist, scan_cases, split_cases, write_json
+from shared_transforms.datalist_file import read_datalist_file
 
 logger = logging.getLogger(__name__)
 
@@ -74,28 +75,38 @@ def prepare_datalist(
     output_dir: str | None = None,
     test_fraction: float = 0.2,
     n_folds: int = 5,
+    datalist_file: str | None = None,
 ) -> dict[str, list]:
     """Scan, clean and split the dataset; write ``datalist.json`` and ``bad_cases.json``.
 
     The split is per patient and per site (a site's test cases do not depend on which other
     sites are merged in), 20% test and ``n_folds`` folds on the rest, deterministic for ``seed``.
+    With ``datalist_file`` (a MONAI/Decathlon datalist JSON, see
+    :func:`shared_transforms.datalist_file.read_datalist_file`) its lists are used instead of
+    ``dataset_dir``/``sites``; without a ``"validation"`` list, 1/``n_folds`` of the training
+    cases validate. The ``datalist.json`` written here can be fed back as ``datalist_file``.
 
     Returns:
         ``{"training", "validation", "test", "bad_cases"}``.
     """
-    cases, rejected = find_cases(dataset_dir, sites)
-    good, bad = scan_cases(cases, known_bad=rejected)
-    split = split_cases(good, test_fraction=test_fraction, n_folds=n_folds, seed=seed, group_key="site")
-    datalist = {**fold_datalist(split, fold), "bad_cases": bad}
+    if datalist_file:
+        datalist = read_datalist_file(datalist_file, scan_cases, val_fraction=1 / n_folds, seed=seed)
+        meta = {"datalist_file": str(datalist_file), "seed": seed}
+    else:
+        cases, rejected = find_cases(dataset_dir, sites)
+        good, bad = scan_cases(cases, known_bad=rejected)
+        split = split_cases(good, test_fraction=test_fraction, n_folds=n_folds, seed=seed, group_key="site")
+        datalist = {**fold_datalist(split, fold), "bad_cases": bad}
+        meta = {"dataset_dir": str(dataset_dir), "sites": list(sites) if not isinstance(sites, str) else [sites],
+                "fold": fold, "seed": seed}
     logger.info(
         "datalist: %d training, %d validation, %d test cases; %d dropped",
         len(datalist["training"]),
         len(datalist["validation"]),
         len(datalist["test"]),
-        len(bad),
+        len(datalist["bad_cases"]),
     )
     if output_dir is not None:
-        meta = {"dataset_dir": str(dataset_dir), "sites": list(sites) if not isinstance(sites, str) else [sites]}
-        write_json(Path(output_dir) / "datalist.json", {**meta, "fold": fold, "seed": seed, **datalist})
-        write_json(Path(output_dir) / BAD_CASES_FILE, bad)
+        write_json(Path(output_dir) / "datalist.json", {**meta, **datalist})
+        write_json(Path(output_dir) / BAD_CASES_FILE, datalist["bad_cases"])
     return datalist
