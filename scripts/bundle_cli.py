@@ -33,35 +33,30 @@ def bundle_cmd(bundle: str, configs: list[str], run_id: str = "run", **overrides
 def run_logged(cmd: list[str], log_file: Path, echo: bool = True) -> None:
     """Run ``cmd`` from the log's folder, appending all output to ``log_file``.
 
-    With ``echo`` the epoch summaries and warnings are shown on the console as progress.
-    Raises ``SystemExit`` naming the log when the command fails.
+    With ``echo`` the output is also passed to the console as it comes, byte for byte, so the
+    bundles' progress bars (training epochs, evaluation, inference, volume preparation) show
+    their ETA in place. Raises ``SystemExit`` naming the log when the command fails.
     """
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     print("$ " + " ".join(cmd), flush=True)
-    with open(log_file, "a") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
+    console = getattr(sys.stdout, "buffer", None)
+    with open(log_file, "ab") as log:
+        log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=log_file.parent)
-        for line in proc.stdout:
-            log.write(line)
-            if echo and _is_progress(line):
-                sys.stdout.write("    " + line)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=log_file.parent)
+        while chunk := proc.stdout.read1(1 << 16):
+            log.write(chunk)
+            if echo:
+                if console is not None:
+                    console.write(chunk)
+                else:
+                    sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
         if proc.wait() != 0:
-            tail = "".join(open(log_file).readlines()[-30:])
+            log.flush()
+            tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-30:])
             raise SystemExit(f"{tail}\ncommand failed ({proc.returncode}); full log: {log_file}")
-
-
-def _is_progress(line: str) -> bool:
-    """Epoch summaries, results and problems; not per-iteration logs or library warnings."""
-    return (
-        ("Epoch[" in line and "Metrics" in line)
-        or "Dice" in line
-        or " - WARNING - " in line
-        or " - ERROR - " in line
-        or line.startswith(("wrote", "[", "==>"))
-    )
 
 
 def make_phantoms(kind: str, out_dir: Path, log_file: Path, **options) -> Path:

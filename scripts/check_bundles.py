@@ -30,7 +30,8 @@ from bundle_cli import BUNDLES, REPO, free_port
 SCHEMA = REPO / "scripts" / "schemas" / "meta_schema_20220324.json"
 REQUIRED_FILES = (
     "LICENSE", "configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
-    "configs/multi_gpu_train.json", "configs/logging.conf", "docs/README.md",
+    "configs/multi_gpu_train.json", "configs/multi_gpu_evaluate.json", "configs/logging.conf", "docs/README.md",
+    "docs/data_license.txt",
 )
 #: the data-list ids MONAI Label overrides (and the inference dataset's)
 DATA_KEYS = ("train#dataset#data", "validate#dataset#data", "dataset#data")
@@ -64,6 +65,8 @@ def config_checks(bundle: Path) -> list[tuple[str, list[str], str]]:
             continue
         content = json.loads(path.read_text())
         files = [str(path)] if "bundle_root" in content else [str(configs / "train.json"), str(path)]
+        if path.stem == "multi_gpu_evaluate":  # the DDP overlay of the evaluation overlay
+            files.insert(1, str(configs / "evaluate.json"))
         if "evaluate" in path.stem:
             kind = "eval"
         elif path.stem.startswith("infer"):

@@ -26,7 +26,8 @@ _EXPORTS = {
     "SelectSlicesd": "slices",
 }
 _SUBMODULES = ("datalist", "datalist_file", "datasets", "files", "handlers", "image_check", "inference", "inputs",
-               "labels", "n4", "slices", "splits", "utils", "volume_check")
+               "labels", "n4", "progress", "slices", "splits", "utils",
+               "volume_check")
 
 __all__ = [
     "__version__",

@@ -24,6 +24,8 @@ from monai.data import Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 
 from .files import write_json
+from .progress import progress
+from .utils import is_main_process
 
 __all__ = ["SliceDataset", "add_to_report", "case_hash", "transform_hash"]
 
@@ -106,7 +108,7 @@ def add_to_report(report_file: str | os.PathLike, entries: Sequence[dict]) -> No
 
     Written atomically, by the main process only under DDP (every rank prepares the same cases).
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if not is_main_process():
         return
     path = Path(report_file)
     report = json.loads(path.read_text()) if path.is_file() else []
@@ -149,7 +151,9 @@ class SliceDataset(torch.utils.data.Dataset):
         self.slices: list[dict] = []
         self.skipped: list[dict] = []
         start = time.perf_counter()
-        for i in range(len(volumes)):
+        # N4 over a site's volumes takes minutes on first use: a bar with the ETA (cached volumes pass quickly)
+        bar = progress(range(len(volumes)), desc="preparing volumes", unit="vol")
+        for i in bar:
             if max_slices is not None and len(self.slices) >= int(max_slices):
                 logger.info("max_slices %d reached: %d of %d volumes used", int(max_slices), i, len(volumes))
                 break
@@ -164,10 +168,13 @@ class SliceDataset(torch.utils.data.Dataset):
                 self.skipped.append({"case": case, "file": data[i].get("image"), "reason": reason})
                 continue
             self.slices.extend(out if isinstance(out, list) else [out])
-            logger.info("prepared %d/%d volumes (%d slices)", i + 1, len(volumes), len(self.slices))
+            bar.set_postfix(slices=len(self.slices), refresh=False)
+        bar.close()
         if max_slices is not None:
             del self.slices[int(max_slices):]
         self.preparation_seconds = time.perf_counter() - start
+        logger.info("prepared %d volumes (%d slices, %d skipped) in %.1f s", len(volumes), len(self.slices),
+                    len(self.skipped), self.preparation_seconds)
         if report_file and self.skipped:
             add_to_report(report_file, self.skipped)
         self.transform = transform  # the per-slice (random) transforms; a resume restores their random states

@@ -1,7 +1,9 @@
 """Ignite event handlers shared by the bundles' training and evaluation workflows.
 
-- :class:`ResumeCheckpoint`: atomically saves the full training state every epoch and
-  resumes from it when the run starts again.
+- :class:`ResumeCheckpointSaver` / :class:`ResumeCheckpointLoader`: MONAI's ``CheckpointSaver`` /
+  ``CheckpointLoader`` for the full training state (:class:`TrainingState`: random states, AMP
+  scaler, best metric), saved atomically every epoch and resumed from when the run starts
+  again, only by the run that wrote it (its fingerprint).
 - :class:`LearningCurves`: per-epoch training loss / validation metric / learning rate to
   CSV and a PNG plot.
 - :class:`SegmentationReport`: per-case Dice and IoU (%) of binary predictions to CSV,
@@ -26,20 +28,14 @@ import numpy as np
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 from ignite.metrics import Metric
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
 from shared_transforms.files import atomic_path, remove_stale_partials, write_json
-from shared_transforms.utils import as_bool, unwrap_model
+from shared_transforms.utils import as_bool, gather_objects, is_main_process
 
-__all__ = ["ResumeCheckpoint", "AtomicCheckpointSaver", "LearningCurves", "SegmentationReport", "CaseDice",
-           "atomic_torch_save"]
+__all__ = ["TrainingState", "ResumeCheckpointSaver", "ResumeCheckpointLoader", "checkpoint_fingerprint", "AtomicCheckpointSaver", "LearningCurves", "SegmentationReport", "CaseDice",
+           "atomic_torch_save", "overlay_rgb", "save_overlay", "write_case_reports"]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -59,7 +55,7 @@ class _AtomicSave(BaseSaveHandler):
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         target = self.filename or filename
-        if _is_main_process():
+        if is_main_process():
             atomic_torch_save(checkpoint, self.dirname / target)
             for old in self._pending:
                 if old != target:
@@ -164,57 +160,55 @@ def _key_metric_savers(engine) -> list:
     return found
 
 
-class ResumeCheckpoint:
-    """Save the whole training state every epoch to ``path``; reload it when the run starts.
+class TrainingState:
+    """What a resumed run needs beside the network, optimizer, scheduler and trainer counters, as one
+    ``state_dict`` / ``load_state_dict`` object for ignite's ``Checkpoint`` (saved by
+    :class:`ResumeCheckpointSaver`, loaded by :class:`ResumeCheckpointLoader`).
 
-    Args:
-        path: checkpoint file, e.g. ``models/resume/checkpoint.pt`` (auxiliary files live in
-            subfolders of ``models/`` so MONAI Label does not offer them as the model).
-        save_dict: objects with ``state_dict``/``load_state_dict``: network, optimizer, lr
-            scheduler. The engine it is attached to is added as ``"trainer"`` (epoch, iteration);
-            its AMP ``GradScaler`` (made by MONAI's ``run()``) is saved as ``"scaler"``.
-        resume: when True and ``path`` exists, training continues from the saved epoch.
-        fingerprint: a string naming the run (stage, data, fold...). A checkpoint written by a
-            run with another fingerprint (e.g. the source stage of a fine-tuning chain sharing
-            ``models/``) is not resumed from; it is overwritten.
-        evaluator: the validation engine: its best metric (and epoch) and the tracking list of
-            each key-metric ``CheckpointSaver`` attached to it are saved and restored, so a
-            resumed run overwrites ``model.pt`` only with a better model, as an uninterrupted one.
+    - ``fingerprint``: the run's name (stage, data, fold...); the loader resumes only its own run;
+    - every random state an epoch draws from (Python, NumPy, torch CPU/CUDA, each random
+      transform of the training data): saved at the end of an epoch, restored at the start, a
+      resumed run (on CPU, same seed) repeats the uninterrupted one down to the final weights;
+    - the trainer's AMP ``GradScaler`` (MONAI makes it in ``run()``, after the config is built);
+    - the evaluator's best metric and epoch, and the tracking of each key-metric
+      ``CheckpointSaver`` attached to it: a resumed run replaces ``model.pt`` only with a
+      better model, as an uninterrupted one. (MONAI's ``key_metric_save_state`` would put that
+      tracking into ``model.pt``, which must stay a plain ``state_dict`` for MONAI Label.)
 
-    Besides those, the checkpoint holds every random state an epoch draws from (Python, NumPy,
-    torch CPU/CUDA, each random transform of the training data): saved at the end of an epoch
-    and restored at the start, a resumed run (on CPU, same seed) continues exactly as the
-    uninterrupted run would have, down to the final weights. Only rank 0 writes under DDP; every
-    rank loads. Loading uses ``weights_only=True``.
+    All tensors and numbers: ``weights_only``-loadable. ``trainer`` is set when a handler attaches.
     """
 
-    def __init__(self, path: str, save_dict: Mapping[str, Any], resume: bool = True, fingerprint: str = "",
-                 evaluator=None) -> None:
-        self.path = Path(path)
-        self.save_dict = dict(save_dict)
-        self.resume = as_bool(resume, "resume")
-        self.fingerprint = str(fingerprint)
-        self.evaluator = evaluator
+    def __init__(self, fingerprint: str = "", evaluator=None) -> None:
+        self.fingerprint, self.evaluator, self.trainer = str(fingerprint), evaluator, None
 
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
+    def state_dict(self) -> dict:
+        state: dict[str, Any] = {"fingerprint": self.fingerprint, "rng": rng_state(random_transforms(self.trainer))}
+        scaler = getattr(self.trainer, "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # AMP's loss scale, so the resumed steps scale alike
+            state["scaler"] = scaler.state_dict()
+        if self.evaluator is not None:
+            ev = self.evaluator
+            state["best"] = {"best_metric": float(ev.state.best_metric), "best_metric_epoch": int(ev.state.best_metric_epoch),
+                             "savers": [s._key_metric_checkpoint.state_dict() for s in _key_metric_savers(ev)]}
+        return state
 
-        self.save_dict.setdefault("trainer", engine)
-        engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+    def load_state_dict(self, state: Mapping) -> None:
+        scaler = getattr(self.trainer, "scaler", None)
+        if state.get("scaler") and scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        if state.get("best") is not None and self.evaluator is not None:
+            self._load_best(state["best"])
+        if state.get("rng") is not None:
+            set_rng_state(state["rng"], random_transforms(self.trainer))
+        else:
+            logger.warning("the resume checkpoint has no random states: the resumed run will not repeat the original")
 
-    def _best_state(self) -> dict:
-        ev = self.evaluator
-        return {"best_metric": float(ev.state.best_metric), "best_metric_epoch": int(ev.state.best_metric_epoch),
-                "savers": [s._key_metric_checkpoint.state_dict() for s in _key_metric_savers(ev)]}
-
-    def _load_best_state(self, best: Mapping) -> None:
+    def _load_best(self, best: Mapping) -> None:
         ev = self.evaluator
         ev.state.best_metric, ev.state.best_metric_epoch = best["best_metric"], best["best_metric_epoch"]
-        savers = _key_metric_savers(ev)
-        for saver, state in zip(savers, best["savers"]):
+        for saver, saved in zip(_key_metric_savers(ev), best["savers"]):
             checkpoint = saver._key_metric_checkpoint
-            checkpoint.load_state_dict(state)
+            checkpoint.load_state_dict(saved)
             fixed = getattr(checkpoint.save_handler, "filename", None)
             folder = Path(getattr(checkpoint.save_handler, "dirname", "."))
             kept = [item for item in checkpoint._saved if (folder / (fixed or item.filename)).is_file()]
@@ -225,58 +219,115 @@ class ResumeCheckpoint:
         logger.info("resume: best %s so far %.5f (epoch %d)", getattr(ev, "key_metric_name", "metric"),
                     best["best_metric"], best["best_metric_epoch"])
 
-    def load(self, engine) -> None:
-        if _is_main_process():  # temporary files of writes a kill interrupted (checkpoint, model.pt)
-            for folder in {self.path.parent, self.path.parent.parent}:
+
+def checkpoint_fingerprint(checkpoint: Mapping) -> str:
+    """The run fingerprint of a resume checkpoint (in its ``training_state``; at the top level in files before 0.4)."""
+    state = checkpoint.get("training_state")
+    return str(state.get("fingerprint", "") if isinstance(state, Mapping) else checkpoint.get("fingerprint", ""))
+
+
+#: what checkpoints before 0.4 (the former ResumeCheckpoint) kept at the top level instead of in training_state
+_LEGACY_STATE_KEYS = ("rng", "best", "scaler")
+
+
+class ResumeCheckpointSaver(AtomicCheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (``save_interval``, ``n_saved=1``) writing the whole training state to
+    ``save_dir/filename`` after every ``save_interval`` epochs, atomically (see :class:`AtomicCheckpointSaver`).
+
+    Args:
+        save_dir: e.g. ``models/resume`` (auxiliary files live in subfolders of ``models/`` so
+            MONAI Label does not offer them as the model).
+        save_dict: objects with ``state_dict``: network, optimizer, lr scheduler... The trainer
+            it is attached to is added as ``"trainer"`` (epoch, iteration), and a
+            :class:`TrainingState` as ``"training_state"``.
+        filename: the checkpoint's fixed name.
+        fingerprint, evaluator: see :class:`TrainingState`.
+        save_interval: epochs between saves.
+    """
+
+    def __init__(self, save_dir: str, save_dict: Mapping[str, Any], filename: str = "checkpoint.pt",
+                 fingerprint: str = "", evaluator=None, save_interval: int = 1) -> None:
+        self.training_state = TrainingState(fingerprint, evaluator)
+        super().__init__(save_dir=save_dir, save_dict={**save_dict, "training_state": self.training_state},
+                         save_interval=int(save_interval), n_saved=1, epoch_level=True)
+        self._interval_checkpoint.save_handler.filename = filename
+
+    def attach(self, engine) -> None:
+        self.save_dict["trainer"] = engine  # the dict ignite's Checkpoint holds
+        self.training_state.trainer = engine
+        super().attach(engine)
+
+
+class ResumeCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` for :class:`ResumeCheckpointSaver`'s file, with the run check as a thin wrapper.
+
+    At the start of a run it removes temporary files that a killed write left (``.partial-*`` in
+    ``load_path``'s folder and the one above), then loads ``load_path`` (``weights_only=True``)
+    only if ``resume`` is true, the file exists and its fingerprint is this run's: a checkpoint of
+    another run (e.g. the source stage of a fine-tuning chain sharing ``models/``) is left alone
+    and later overwritten. Objects an older checkpoint lacks start afresh, with a warning. The
+    trainer it is attached to and a :class:`TrainingState` are added to ``load_dict``; a resumed
+    run may be asked for more epochs than the first one.
+    """
+
+    def __init__(self, load_path: str, load_dict: Mapping[str, Any], resume: bool = True, fingerprint: str = "",
+                 evaluator=None, map_location: Any = "cpu") -> None:
+        self.training_state = TrainingState(fingerprint, evaluator)
+        super().__init__(load_path=load_path, load_dict={**load_dict, "training_state": self.training_state},
+                         map_location=map_location)
+        self.resume = as_bool(resume, "resume")
+
+    def attach(self, engine) -> None:
+        self.load_dict["trainer"] = engine
+        self.training_state.trainer = engine
+        super().attach(engine)
+
+    def __call__(self, engine) -> None:
+        path = Path(self.load_path)
+        if is_main_process():
+            for folder in {path.parent, path.parent.parent}:
                 for stale in remove_stale_partials(folder):
                     logger.info("removed %s (left by an interrupted run)", stale)
-        if not (self.resume and self.path.is_file()):
+        if not (self.resume and path.is_file()):
             return
-        from ignite.handlers import Checkpoint
-
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        saved_fingerprint = state.pop("fingerprint", "")
-        if saved_fingerprint != self.fingerprint:
-            logger.warning("not resuming from %s: it belongs to another run (%s)", self.path, saved_fingerprint)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the keys, without reading it all
+        run = checkpoint_fingerprint(saved)
+        if run != self.training_state.fingerprint:
+            logger.warning("not resuming from %s: it belongs to another run (%s)", path, run)
             return
-        rng, best, scaler = state.pop("rng", None), state.pop("best", None), state.pop("scaler", None)
-        missing = [k for k in self.save_dict if k not in state]
+        # before 0.4 the training state was kept at the top level: restored from there
+        legacy = None if "training_state" in saved else {k: saved[k] for k in _LEGACY_STATE_KEYS if k in saved}
+        missing = [k for k in self.load_dict if k not in saved and not (k == "training_state" and legacy)]
         if "model" in missing:
-            raise ValueError(f"{self.path}: no 'model' in the resume checkpoint (keys: {sorted(state)})")
-        if missing:  # written by an older version that did not save them: resume the rest, say what starts afresh
-            logger.warning("%s has no %s (an older checkpoint): they start afresh", self.path, missing)
-        max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load={k: unwrap_model(v) for k, v in self.save_dict.items() if k in state}, checkpoint=state)
-        engine.state.max_epochs = max_epochs  # a resumed run may be asked for more epochs than the first
-        if scaler and getattr(engine, "scaler", None) is not None:  # MONAI makes it in run(), before STARTED
-            engine.scaler.load_state_dict(scaler)
-        if best is not None and self.evaluator is not None:
-            self._load_best_state(best)
-        if rng is not None:
-            set_rng_state(rng, random_transforms(engine))
-        else:
-            logger.warning("%s has no random states (an older checkpoint): the resumed run will not repeat the original", self.path)
-        logger.info(
-            "resumed from %s at epoch %d (iteration %d)", self.path, engine.state.epoch, engine.state.iteration
-        )
-
-    def save(self, engine) -> None:
-        if _is_main_process():
-            state = {k: unwrap_model(v).state_dict() for k, v in self.save_dict.items()}
-            state["rng"] = rng_state(random_transforms(engine))
-            scaler = getattr(engine, "scaler", None)
-            if scaler is not None and scaler.is_enabled():  # AMP's loss scale, so the resumed steps scale alike
-                state["scaler"] = scaler.state_dict()
-            if self.evaluator is not None:
-                state["best"] = self._best_state()
-            atomic_torch_save({**state, "fingerprint": self.fingerprint}, self.path)
+            raise ValueError(f"{path}: no 'model' in the resume checkpoint (keys: {sorted(saved)})")
+        if missing:  # written by an older version: resume the rest, say what starts afresh
+            logger.warning("%s has no %s (an older checkpoint): %s", path, missing,
+                           "the resumed run will not repeat the original" if "training_state" in missing else
+                           "they start afresh")
+        trainer = saved.get("trainer", {})  # ignite keeps the iteration (or the epoch) and the epoch length
+        done = int(trainer["epoch"]) if "epoch" in trainer else int(trainer.get("iteration", 0)) // max(
+            1, int(trainer.get("epoch_length") or 1))
+        if engine.state.max_epochs is not None and done > engine.state.max_epochs:
+            # MONAI's loader refuses this; the run has nothing left to do, as an uninterrupted one would have
+            logger.warning("%s holds %d epochs, more than the %d asked: nothing to train (--resume false starts "
+                           "afresh)", path, done, engine.state.max_epochs)
+            engine.state.max_epochs = done
+        full = self.load_dict
+        self.load_dict = {k: v for k, v in full.items() if k not in missing and not (k == "training_state" and legacy)}
+        try:
+            super().__call__(engine)
+        finally:
+            self.load_dict = full
+        if legacy:
+            self.training_state.load_state_dict({"rng": None, **legacy})
+        logger.info("resumed from %s at epoch %d (iteration %d)", path, engine.state.epoch, engine.state.iteration)
 
 
 class LearningCurves:
     """Write ``learning_curves.csv`` and ``learning_curves.png`` after every training epoch.
 
     A resumed run keeps the CSV's rows of the epochs it resumes after (read at its first epoch,
-    once :class:`ResumeCheckpoint` has restored the epoch), so the curves are whole.
+    once :class:`ResumeCheckpointLoader` has restored the epoch), so the curves are whole.
 
     Args:
         output_dir: where the two files go.
@@ -334,7 +385,7 @@ class LearningCurves:
         if self.optimizer is not None:
             row["lr"] = float(self.optimizer.param_groups[0]["lr"])
         self.rows.append(row)
-        if _is_main_process():
+        if is_main_process():
             self.write()
 
     def write(self) -> None:
@@ -366,20 +417,60 @@ class LearningCurves:
         plt.close(fig)
 
 
-def save_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, path: str | os.PathLike, title: str = "") -> None:
-    """PNG of a 2D image with the ground truth (green) and prediction (red) contours."""
+#: overlay colours: ground truth only (missed), prediction only (false positive), both (agreement)
+OVERLAY_COLOURS = {"ground truth only": "lime", "prediction only": "red", "both": "yellow"}
+_OVERLAY_CMAP = "medseg_overlay"
+
+
+def overlay_rgb(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """``(H, W, 3)`` in [0, 1]: ``image`` blended with ``monai.visualize.blend_images``.
+
+    ``image`` is ``(H, W)`` grey (scaled by its 1st-99th percentiles) or ``(H, W, 3)`` RGB
+    (0-255 or 0-1); ``label`` and ``pred`` are ``(H, W)`` binary (``label`` may be ``None``).
+    Pixels in the ground truth only are green, in the prediction only red, in both yellow
+    (:data:`OVERLAY_COLOURS`); everywhere else the image is unchanged.
+    """
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+    from monai.visualize import blend_images
+
+    if _OVERLAY_CMAP not in matplotlib.colormaps:
+        matplotlib.colormaps.register(ListedColormap(list(OVERLAY_COLOURS.values()), name=_OVERLAY_CMAP))
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 2:
+        lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+        image = np.clip((image - lo) / (hi - lo), 0, 1)[None] if hi > lo else np.zeros((1, *image.shape))
+    else:
+        image = np.moveaxis(image / (255.0 if image.max() > 1 else 1.0), -1, 0)
+    gt = np.zeros(pred.shape, bool) if label is None else np.asarray(label) > 0.5
+    pr = np.asarray(pred) > 0.5
+    # the three classes at the centres of the colour map's three bins; 0 stays transparent
+    classes = np.select([gt & ~pr, pr & ~gt, gt & pr], [1 / 6, 1 / 2, 5 / 6], 0.0)[None]
+    blended = blend_images(image, classes, alpha=alpha, cmap=_OVERLAY_CMAP, rescale_arrays=False)
+    return np.moveaxis(np.asarray(blended), 0, -1)
+
+
+def save_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, path: str | os.PathLike, title: str = "",
+                 transpose: bool = True, origin: str = "lower") -> None:
+    """PNG of :func:`overlay_rgb` with a colour legend.
+
+    ``transpose``: the arrays are ``(W, H[, 3])`` as MONAI's readers give them (shown transposed);
+    ``origin``: ``"lower"`` for volumes' slices, ``"upper"`` for photographs.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(np.asarray(image).T, cmap="gray", origin="lower")
-    if label is not None and np.any(label):
-        ax.contour(np.asarray(label).T, levels=[0.5], colors="lime", linewidths=1.2)
-    if np.any(pred):
-        ax.contour(np.asarray(pred).T, levels=[0.5], colors="red", linewidths=1.2)
-    ax.set_title(title or "green: ground truth, red: prediction", fontsize=8)
+    if transpose:
+        image, pred = np.swapaxes(np.asarray(image), 0, 1), np.asarray(pred).T
+        label = None if label is None else np.asarray(label).T
+    fig, ax = plt.subplots(figsize=(4, 4.3))
+    ax.imshow(overlay_rgb(image, label, pred), origin=origin, interpolation="nearest")
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in OVERLAY_COLOURS.items()], loc="lower center",
+              bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=6, frameon=False)
+    ax.set_title(title, fontsize=8)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -387,10 +478,16 @@ def save_overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray, 
 
 
 def dice_iou(tp: float, fp: float, fn: float) -> tuple[float, float]:
-    """Dice and IoU from pixel counts; both 1 when prediction and truth are empty."""
+    """Dice (MONAI's ``"f1 score"``) and IoU (``"threat score"``) from pixel counts, by
+    ``monai.metrics.compute_confusion_matrix_metric``; both 1 when prediction and truth are empty
+    (where MONAI gives NaN: an empty slice predicted empty is right, as ``compute_dice(ignore_empty=False)``)."""
     if tp + fp + fn == 0:
         return 1.0, 1.0
-    return 2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
+    from monai.metrics import compute_confusion_matrix_metric
+
+    matrix = torch.tensor([tp, fp, 0.0, fn], dtype=torch.float64)  # tp, fp, tn, fn
+    return (float(compute_confusion_matrix_metric("f1 score", matrix)),
+            float(compute_confusion_matrix_metric("threat score", matrix)))
 
 
 def _np(x) -> np.ndarray:
@@ -398,9 +495,30 @@ def _np(x) -> np.ndarray:
 
 
 def confusion_counts(pred: np.ndarray, label: np.ndarray) -> tuple[float, float, float]:
-    """True positives, false positives and false negatives of two boolean masks (pixel counts)."""
-    return (float(np.logical_and(pred, label).sum()), float(np.logical_and(pred, ~label).sum()),
-            float(np.logical_and(~pred, label).sum()))
+    """True positives, false positives and false negatives of two boolean masks (pixel counts), by
+    ``monai.metrics.get_confusion_matrix``."""
+    from monai.metrics import get_confusion_matrix
+
+    tp, fp, _, fn = get_confusion_matrix(torch.as_tensor(np.asarray(pred))[None, None].float(),
+                                         torch.as_tensor(np.asarray(label))[None, None].float())[0, 0].tolist()
+    return tp, fp, fn
+
+
+def write_case_reports(output_dir: str | os.PathLike, cases: list[str], details: Mapping[str, Any],
+                       class_labels: list[str]) -> None:
+    """Per-case ``<metric>_raw.csv`` and ``<metric>_summary.csv`` (mean, median, max, min, 90th
+    percentile, std, count) as MONAI's ``MetricsSaver`` writes them (``write_metrics_reports``).
+
+    ``details``: ``{metric: (n_cases, n_classes) array}``, rows in the order of ``cases``. Only
+    the main process writes. The bundles' own ``metrics.csv`` / ``.json`` / ``.md`` stay beside.
+    """
+    from monai.handlers.utils import write_metrics_reports
+
+    if not is_main_process() or not cases:
+        return
+    arrays = {k: np.asarray(v, dtype=np.float64).reshape(len(cases), -1) for k, v in details.items()}
+    write_metrics_reports(str(output_dir), images=list(cases), metrics=None, metric_details=arrays, summary_ops="*",
+                          class_labels=list(class_labels))
 
 
 def binary_items(engine, case_key: str = "case", pred_key: str = "pred", label_key: str = "label"):
@@ -420,10 +538,13 @@ class SegmentationReport:
     """Per-case Dice/IoU (%) of binary 2D predictions, pixel-wise over all of a case's slices.
 
     Reads the evaluator's decollated output items (``pred``, ``label``, ``image`` and a
-    ``case_key`` entry). At the end writes ``metrics.csv`` (one row per case),
-    ``metrics.json`` (mean/std over cases and pooled over all pixels) and ``metrics.md``
-    into ``output_dir``, and ``overlays/*.png`` for the ``num_overlays`` slices with the
-    largest ground truth of distinct cases.
+    ``case_key`` entry); counts come from ``monai.metrics.get_confusion_matrix``, Dice and IoU
+    from ``compute_confusion_matrix_metric``. At the end writes ``metrics.csv`` (one row per
+    case, %), ``metrics.json`` (mean/std over cases and pooled over all pixels) and ``metrics.md``
+    into ``output_dir``; MONAI ``MetricsSaver``'s per-case ``dice_raw.csv`` / ``iou_raw.csv`` and
+    ``*_summary.csv`` (fractions, class ``class_name``) beside them; and ``overlays/*.png``
+    (``monai.visualize.blend_images``) for the ``num_overlays`` slices with the largest ground
+    truth of distinct cases. Under DDP the ranks' counts are merged and rank 0 writes.
     """
 
     def __init__(
@@ -435,8 +556,10 @@ class SegmentationReport:
         image_key: str = "image",
         num_overlays: int = 4,
         prefix: str = "",
+        class_name: str = "foreground",
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.class_name = class_name
         self.case_key, self.pred_key, self.label_key, self.image_key = case_key, pred_key, label_key, image_key
         self.num_overlays = num_overlays
         self.prefix = prefix
@@ -483,8 +606,26 @@ class SegmentationReport:
             "pooled_iou": 100 * pooled_iou,
         }
 
+    def gather(self) -> None:
+        """Under DDP: add up every rank's counts (a case's slices may be split between ranks), keep each case's
+        largest-truth slice of all ranks."""
+        parts = gather_objects((dict(self.counts), self._best_slice))
+        if len(parts) == 1:
+            return
+        self.reset()
+        for counts, best in parts:
+            for case, c in counts.items():
+                self.counts[case] += c
+            for case, s in best.items():
+                if s[0] > self._best_slice.get(case, (-1.0, None))[0]:
+                    self._best_slice[case] = s
+
     def write(self, engine=None) -> dict[str, Any]:
+        """Write the tables and overlays (on the main process; under DDP after :meth:`gather`)."""
+        self.gather()
         result = self.summary()
+        if not is_main_process():
+            return result
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         with open(out / f"{self.prefix}metrics.csv", "w", newline="") as f:
@@ -501,6 +642,9 @@ class SegmentationReport:
         )
         lines.append(f"| pooled (all pixels) | | {result['pooled_dice']:.2f} | {result['pooled_iou']:.2f} |")
         (out / f"{self.prefix}metrics.md").write_text("\n".join(lines) + "\n")
+        write_case_reports(out, [r["case"] for r in result["cases"]],
+                           {f"{self.prefix}dice": [[r["dice"] / 100] for r in result["cases"]],
+                            f"{self.prefix}iou": [[r["iou"] / 100] for r in result["cases"]]}, [self.class_name])
         overlay_dir = out / "overlays"
         overlay_dir.mkdir(exist_ok=True)
         chosen = sorted(self._best_slice.items(), key=lambda kv: -kv[1][0])[: self.num_overlays]

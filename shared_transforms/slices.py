@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor, get_track_meta
-from monai.transforms import MapTransform, Transform
+from monai.transforms import MapTransform, SplitDim, Transform
 from monai.utils import TransformBackends, convert_to_tensor
 
 from .utils import source_name
@@ -67,10 +67,23 @@ class SelectSlices(Transform):
 
     def extract(self, img: NdarrayOrTensor, index: int) -> torch.Tensor:
         """Slice ``index`` of channel-first ``img`` along ``axis`` as a channel-first 2D (Meta)Tensor."""
+        return self.extract_many(img, [index])[0]
+
+    def extract_many(self, img: NdarrayOrTensor, indices: list[int]) -> list[torch.Tensor]:
+        """Slices ``indices`` of channel-first ``img`` along ``axis``, each as :meth:`extract` gives it.
+
+        The data come from MONAI's ``SplitDim`` (views, copied contiguous); the meta is this
+        transform's own: ``SplitDim`` would keep the 3D 4×4 affine with a shifted origin, the
+        bundles' 2D slices carry the slice plane's 2D affine and their index in the volume.
+        """
         img_t = convert_to_tensor(img, track_meta=get_track_meta())
         s = self.spatial_axis(img_t.ndim)
         plain = img_t.as_tensor() if isinstance(img_t, MetaTensor) else img_t
-        data = plain.select(s + 1, index).clone(memory_format=torch.contiguous_format)
+        parts = SplitDim(dim=s + 1, keepdim=False, update_meta=False)(plain) if indices else []
+        return [self._slice(parts[k].clone(memory_format=torch.contiguous_format), img_t, s, k) for k in indices]
+
+    @staticmethod
+    def _slice(data: torch.Tensor, img_t: torch.Tensor, s: int, index: int) -> torch.Tensor:
         if not isinstance(img_t, MetaTensor):
             return data
         out = MetaTensor(data)
@@ -101,7 +114,7 @@ class SelectSlices(Transform):
         idx = self.indices(label)
         if not idx:
             logger.warning("SelectSlices: no slice of %s has label area > %s", source_name(img, label), self.min_area)
-        return [self.extract(img, k) for k in idx]
+        return self.extract_many(img, idx)
 
 
 def _check_slice_count(img: Any, label: Any, img_axis: int, label_axis: int) -> None:
@@ -162,10 +175,11 @@ class SelectSlicesd(MapTransform):
         if not idx:
             name = source_name(*(d[k] for k in keys))
             logger.warning("SelectSlicesd: no slice of %s has label area > %s", name, self.selector.min_area)
+        slices = {key: self.selector.extract_many(d[key], idx) for key in keys}
         out = []
-        for k in idx:
+        for n, k in enumerate(idx):
             item = copy.deepcopy(others)
-            item.update({key: self.selector.extract(d[key], k) for key in keys})
+            item.update({key: slices[key][n] for key in keys})
             item["slice_index"] = k
             out.append(item)
         return out

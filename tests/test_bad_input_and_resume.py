@@ -26,12 +26,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLES, PHANTOMS, bundle_cmd, make_phantoms, run
+from helpers import BUNDLES, PHANTOMS, assert_progress_eta, bundle_cmd, make_phantoms, run
 from PIL import Image
 
 from shared_transforms.files import PARTIAL_PREFIX
-from shared_transforms.inference import REPORT_FILE, AtomicNibabelWriter, InferenceReport, ReportingDataset
 from shared_transforms.image_check import ImageCheck
+from shared_transforms.inference import REPORT_FILE, AtomicNibabelWriter, InferenceReport, ReportingDataset
 from shared_transforms.inputs import InputError, InputWarning, LoadCheckedImaged
 from shared_transforms.volume_check import VolumeCheck
 
@@ -269,6 +269,7 @@ def test_inference_over_the_bad_input_corpus(corpora, bundle, tmp_path):
     args = dict(bundle_root=str(root), dataset_dir=str(folder), output_dir=str(out), **sizes)
     proc = run(bundle_cmd(bundle, ["inference.json"], "run", **args), cwd=tmp_path)  # exits 0
     log = proc.stdout + proc.stderr
+    assert_progress_eta(proc.stdout, "inference")
     report = {Path(e["file"]).name: e for e in json.loads((out / REPORT_FILE).read_text())["inputs"]}
     assert set(report) == set(expected), "every input is in the report"
     reasons, fixes = (VOLUME_REASONS, VOLUME_WARNINGS) if kind == "volume" else (RGB_REASONS, RGB_WARNINGS)
@@ -396,7 +397,7 @@ def test_resume_checkpoint_restores_amp_scaler_random_states_and_best_metric(tmp
     from ignite.engine import Engine, Events
     from monai.transforms import RandGaussianNoised
 
-    from shared_transforms.handlers import ResumeCheckpoint
+    from shared_transforms.handlers import ResumeCheckpointLoader, ResumeCheckpointSaver
 
     noise = RandGaussianNoised("x", prob=1.0)
     noise.set_random_state(seed=1)
@@ -421,8 +422,8 @@ def test_resume_checkpoint_restores_amp_scaler_random_states_and_best_metric(tmp
         trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
         evaluator = Engine(lambda e, b: None)
         evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1.0, -1
-        handler = ResumeCheckpoint(str(tmp_path / "resume" / "checkpoint.pt"), {"model": net}, evaluator=evaluator)
-        handler.attach(trainer)
+        ResumeCheckpointLoader(str(tmp_path / "resume" / "checkpoint.pt"), {"model": net}, evaluator=evaluator).attach(trainer)
+        ResumeCheckpointSaver(str(tmp_path / "resume"), {"model": net}, evaluator=evaluator).attach(trainer)
         return net, trainer, evaluator
 
     def draws():
@@ -432,7 +433,7 @@ def test_resume_checkpoint_restores_amp_scaler_random_states_and_best_metric(tmp
     net, trainer, evaluator = make()
 
     @trainer.on(Events.EPOCH_COMPLETED)
-    def _(engine):  # before ResumeCheckpoint's save: a halved scale, a best metric
+    def _(engine):  # before the resume checkpoint's save: a halved scale, a best metric
         engine.scaler.update(new_scale=2.0 ** 7)
         evaluator.state.best_metric, evaluator.state.best_metric_epoch = 0.75, engine.state.epoch
 

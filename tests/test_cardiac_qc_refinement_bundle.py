@@ -4,6 +4,7 @@ refinement) through the documented MONAI CLI on phantoms, in subprocesses from a
 
 from __future__ import annotations
 
+import csv
 import importlib
 import importlib.util
 import json
@@ -17,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLES, bundle_run, make_phantoms, run
+from helpers import BUNDLES, assert_ddp_evaluation_matches, assert_progress_eta, bundle_run, make_phantoms, run
 from monai.losses import GeneralizedDiceLoss
 from monai.networks.utils import one_hot
 
@@ -297,34 +298,45 @@ def test_gradient_clip_sees_unscaled_gradients_under_amp():
 
 
 def test_m_best_list_survives_kill_and_resume(tmp_path):
-    """Epochs 1-3 (val loss .5, .3, .4), the process dies, a new one resumes from the ResumeCheckpoint file and runs
+    """Epochs 1-3 (val loss .5, .3, .4), the process dies, a new one resumes from the resume checkpoint and runs
     epochs 4-5 (.6, .35): the kept list is the best 2 of all five epochs and model.pt stays epoch 2's weights."""
-    from shared_transforms.handlers import ResumeCheckpoint
+    from shared_transforms.handlers import ResumeCheckpointLoader, ResumeCheckpointSaver
 
     handlers = _scripts()["handlers"]
     resume_file, models = tmp_path / "resume" / "checkpoint.pt", tmp_path / "models"
 
+    def fake_engine(e, **state):  # an engine at the end of epoch e (one iteration per epoch)
+        from ignite.engine import Engine
+
+        engine = Engine(lambda *_: None)
+        for key, value in {"epoch": e, "iteration": e, "max_epochs": 5, **state}.items():
+            setattr(engine.state, key, value)
+        return engine
+
     def process():
         net = torch.nn.Linear(2, 1)
         best = handlers.BestCheckpoints(str(models / "candidates"), net, k=2, best_file=str(models / "model.pt"))
-        return net, best, ResumeCheckpoint(str(resume_file), {"best_checkpoints": best}, resume=True, fingerprint="run")
+        return net, best, ResumeCheckpointSaver(str(resume_file.parent), {"best_checkpoints": best}, fingerprint="run")
 
-    def epoch(net, best, resume, e, score):
+    def epoch(net, best, saver, e, score):
         with torch.no_grad():
             net.weight.fill_(e)  # the weights name the epoch
-        engine = type("Engine", (), {"state": type("State", (), {"epoch": e, "metrics": {"val_loss": score}})()})()
+        engine = fake_engine(e, metrics={"val_loss": score})
         best(engine)
-        resume.save(engine)
+        saver.training_state.trainer = engine
+        saver.interval_completed(engine)  # what EPOCH_COMPLETED runs
 
-    net, best, resume = process()
+    net, best, saver = process()
     for e, score in [(1, 0.5), (2, 0.3), (3, 0.4)]:
-        epoch(net, best, resume, e, score)
-    del net, best, resume  # killed
-    net, best, resume = process()
-    resume.load(type("Engine", (), {"state": type("State", (), {"max_epochs": 5, "epoch": 3, "iteration": 3})()})())
+        epoch(net, best, saver, e, score)
+    del net, best, saver  # killed
+    net, best, saver = process()
+    loader = ResumeCheckpointLoader(str(resume_file), {"best_checkpoints": best}, fingerprint="run")
+    loader.training_state.trainer = engine = fake_engine(3)
+    loader(engine)  # what STARTED runs
     assert [e["epoch"] for e in best.kept] == [2, 3]
     for e, score in [(4, 0.6), (5, 0.35)]:
-        epoch(net, best, resume, e, score)
+        epoch(net, best, saver, e, score)
     index = json.loads((models / "candidates" / "candidates.json").read_text())
     assert [(c["epoch"], c["val_loss"]) for c in index["candidates"]] == [(2, 0.3), (5, 0.35)]
     assert sorted(p.name for p in (models / "candidates").glob("*.pt")) == ["model_epoch2.pt", "model_epoch5.pt"]
@@ -482,7 +494,8 @@ def chain(tmp_path_factory) -> dict:
     bundle_run(BUNDLE, ["train.json", "train_qc.json"], cwd=work, run_id="training", epochs=6, batch_size=4,
                learning_rate=0.002, **common)
     shutil.copytree(root / "models", work / "supervised_models")
-    bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=work, run_id="evaluating", **common)
+    proc = bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=work, run_id="evaluating", **common)
+    assert_progress_eta(proc.stdout, "evaluating")
     return {"work": work, "data": data, "root": root, "common": common}
 
 
@@ -525,10 +538,21 @@ def test_evaluation_dice_and_hd_per_class_rv_first(chain):
     assert metrics["n_cases"] == 4 and metrics["mean_dice_RV"] > 0.5  # the segmenter learnt the phantom
     assert all(math.isfinite(metrics[f"mean_hd_mm_{c}"]) for c in ("RV", "LV", "MYO"))
     assert list(metrics["cases"][0])[:3] == ["case", "dice_RV", "hd_mm_RV"]
+    raw = list(csv.DictReader(open(chain["root"] / "eval" / "dice_raw.csv")))  # MONAI MetricsSaver's per-case file
+    assert [r["filename"] for r in raw] == [c["case"] for c in metrics["cases"]] and list(raw[0])[1:4] == ["RV", "LV", "MYO"]
+    assert [float(r["RV"]) for r in raw] == pytest.approx([c["dice_RV"] for c in metrics["cases"]], abs=1e-4)
     reports = sorted((chain["root"] / "eval" / "qc_reports").glob("*_qc.json"))
     assert len(reports) == 4
+    assert sorted(p.stem for p in (chain["root"] / "eval" / "overlays").glob("*.png")) == sorted(
+        r["case"] for r in metrics["cases"])  # the RV overlay of each of the 4 cases
     report = json.loads(reports[0].read_text())
     assert report["threshold_source"].startswith("IQR over the 4")
+
+
+def test_multi_gpu_evaluate_matches_one_process(chain, tmp_path):
+    """multi_gpu_evaluate.json in 2 CPU processes: each rank screens the whole set (the same IQR thresholds),
+    evaluates its share of the volumes; the per-case table, OOD flags and chosen models are those of one process."""
+    assert_ddp_evaluation_matches(BUNDLE, chain["root"] / "eval", tmp_path, ["metrics.json"], **chain["common"])
 
 
 def test_inference_masks_and_qc_reports_ood_flagged_more_often(chain, tmp_path):

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLES, bundle_run, make_phantoms, run
+from helpers import BUNDLES, assert_ddp_evaluation_matches, assert_progress_eta, bundle_run, make_phantoms, run
 
 BUNDLE = "liver_ct_mri_transfer"
 ROOT = BUNDLES / BUNDLE
@@ -150,8 +150,9 @@ def test_model_c_keeps_first_two_levels_bit_identical(chain):
 
 def test_evaluate_and_inference(chain, tmp_path):
     run_root = chain["runs"]["finetune"]
-    bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=tmp_path, run_id="evaluating", bundle_root=str(run_root),
-               dataset_dir=str(chain["mri"]), **SMALL)
+    proc = bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=tmp_path, run_id="evaluating",
+                      bundle_root=str(run_root), dataset_dir=str(chain["mri"]), **SMALL)
+    assert_progress_eta(proc.stdout, "evaluating")
     metrics = json.loads((run_root / "eval" / "metrics.json").read_text())
     assert [r["case"] for r in metrics["cases"]] == ["case_006", "case_007", "case_008", "case_009"]
     assert all(0.0 <= r["dice"] <= 100.0 for r in metrics["cases"]) and list((run_root / "eval" / "overlays").glob("*.png"))
@@ -169,6 +170,15 @@ def test_evaluate_and_inference(chain, tmp_path):
         np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
         assert set(np.unique(np.asanyarray(pred.dataobj)).tolist()) <= {0, 1}
 
+
+
+def test_multi_gpu_evaluate_matches_one_process(chain, tmp_path):
+    """multi_gpu_evaluate.json in 2 CPU processes: the same per-case table as one process."""
+    run_root = chain["runs"]["finetune"]
+    args = dict(bundle_root=str(run_root), dataset_dir=str(chain["mri"]), **SMALL)
+    if not (run_root / "eval" / "metrics.json").is_file():  # run alone: the one-process evaluation first
+        bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=tmp_path, run_id="evaluating", **args)
+    assert_ddp_evaluation_matches(BUNDLE, run_root / "eval", tmp_path, ["metrics.json"], **args)
 
 
 def test_ddp_two_cpu_processes_with_frozen_levels(chain, tmp_path):

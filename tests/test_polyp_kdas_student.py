@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLES, REPO, bundle_run, make_phantoms, run
+from helpers import BUNDLES, REPO, assert_ddp_evaluation_matches, assert_progress_eta, bundle_run, make_phantoms, run
 
 BUNDLE = "polyp_kdas_student"
 ROOT = BUNDLES / BUNDLE
@@ -516,8 +516,9 @@ def test_distillation_changes_student_not_teacher(chain, tmp_path):
 
 def test_evaluation_per_test_set(chain):
     root = chain["root"]
-    bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=chain["work"], run_id="evaluating", bundle_root=str(root),
-               dataset_dir=str(chain["data"]), image_size=64)
+    proc = bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=chain["work"], run_id="evaluating",
+                      bundle_root=str(root), dataset_dir=str(chain["data"]), image_size=64)
+    assert_progress_eta(proc.stdout, "evaluating")
     rows = list(csv.DictReader(open(root / "eval" / "test" / "metrics.csv")))
     assert [r["set"] for r in rows] == ["Kvasir", "CVC-ClinicDB", "CVC-ColonDB", "ETIS-LaribPolypDB", "CVC-300"]
     assert all(r["images"] == "2" and 0 <= float(r["mDice"]) <= 1 and 0 <= float(r["Dice@0.5"]) <= 1 for r in rows)
@@ -529,6 +530,17 @@ def test_evaluation_per_test_set(chain):
     assert metrics["minmax_normalise"] is True and metrics["quantise_uint8"] is True
     assert all(r["evaluation"].endswith("paper-comparable)") for r in rows)
     assert len(list((root / "eval" / "test" / "overlays").glob("*.png"))) == 10
+    raw = list(csv.DictReader(open(root / "eval" / "test" / "mdice_raw.csv")))  # MONAI MetricsSaver's per-image file
+    assert len(raw) == 10 and raw[0]["filename"].startswith("Kvasir/") and (root / "eval" / "test" / "mdice_summary.csv").is_file()
+
+
+def test_multi_gpu_evaluate_matches_one_process(chain, tmp_path):
+    """multi_gpu_evaluate.json in 2 CPU processes: the same per-set table, the sets in the same order."""
+    root = chain["root"]
+    args = dict(bundle_root=str(root), dataset_dir=str(chain["data"]), image_size=64)
+    if not (root / "eval" / "test" / "metrics.json").is_file():  # run alone: the one-process evaluation first
+        bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=chain["work"], run_id="evaluating", **args)
+    assert_ddp_evaluation_matches(BUNDLE, root / "eval", tmp_path, ["test/metrics.json"], "test/overlays", **args)
 
 
 def test_inference_any_size_to_binary_png(chain, tmp_path):

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLES, REPO, bundle_run, make_phantoms, run
+from helpers import BUNDLES, REPO, assert_ddp_evaluation_matches, assert_progress_eta, bundle_run, make_phantoms, run
 
 BUNDLE = "prostate_mri_transfer"
 CONFIGS = BUNDLES / BUNDLE / "configs"
@@ -78,10 +78,11 @@ def test_eval_mode_matches_batch_statistics_after_a_short_run(trained):
 def test_evaluation_learns_the_gland(trained):
     """Learning actually happens: test Dice on held-out phantom cases > 0.8."""
     work, data = trained["work"], trained["data"]
-    bundle_run(
+    proc = bundle_run(
         BUNDLE, ["train.json", "evaluate.json"], cwd=work, run_id="evaluating",
         bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC"], **SMALL,
     )
+    assert_progress_eta(proc.stdout, "evaluating")
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     test_cases = {c["case"] for c in json.loads((work / "eval" / "datalist.json").read_text())["test"]}
     assert {r["case"] for r in metrics["cases"]} == test_cases
@@ -89,7 +90,18 @@ def test_evaluation_learns_the_gland(trained):
     assert 0 < metrics["mean_iou"] < metrics["mean_dice"]
     rows = list(csv.DictReader(open(work / "eval" / "metrics.csv")))
     assert len(rows) == len(test_cases)
+    raw = list(csv.DictReader(open(work / "eval" / "dice_raw.csv")))  # MONAI MetricsSaver's per-case file
+    assert [r["filename"] for r in raw] == [r["case"] for r in rows]
+    assert all(float(r["foreground"]) == pytest.approx(float(m["dice"]) / 100, abs=1e-4) for r, m in zip(raw, rows))
     assert list((work / "eval" / "overlays").glob("*.png"))
+
+
+def test_multi_gpu_evaluate_matches_one_process(trained, tmp_path):
+    """multi_gpu_evaluate.json in 2 CPU processes: a case's slices split between the ranks, the same per-case table."""
+    work, args = trained["work"], dict(bundle_root=str(trained["work"]), dataset_dir=str(trained["data"]), sites=["RUNMC"], **SMALL)
+    if not (work / "eval" / "metrics.json").is_file():  # run alone: the one-process evaluation first
+        bundle_run(BUNDLE, ["train.json", "evaluate.json"], cwd=work, run_id="evaluating", **args)
+    assert_ddp_evaluation_matches(BUNDLE, work / "eval", tmp_path, ["metrics.json"], **args)
 
 
 def test_finetune_starts_from_source_weights_and_trains(trained, tmp_path):

@@ -77,3 +77,19 @@ def test_check_monailabel_reads_the_multipart_infer_answer():
             b'filename="lab.nii.gz"\r\nContent-Type: application/gzip\r\n\r\n' + label + b"\r\n--xyz--\r\n")
     assert split_infer_response(body, "multipart/form-data; boundary=xyz") == (params, "lab.nii.gz", label)
     assert split_infer_response(json.dumps(params).encode(), "application/json") == (params, "", b"")
+
+
+def test_run_logged_passes_progress_bars_through_and_names_the_log(tmp_path, capfd):
+    """The tools' runner echoes a child's output byte for byte (a tqdm bar's carriage returns keep it in place)
+    and logs all of it; a failure ends with the log's tail and its path."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bundle_cli import run_logged
+
+    bar = "import sys,time\nfor i in range(3): sys.stdout.write(f'\\rstep [{i+1}/3] [00:0{i}<00:0{2-i}]'); sys.stdout.flush()\nprint()"
+    run_logged([sys.executable, "-c", bar], tmp_path / "ok.log")
+    out = capfd.readouterr().out
+    assert "\rstep [1/3] [00:00<00:02]\rstep [2/3]" in out
+    assert b"\rstep [3/3] [00:02<00:00]\n" in (tmp_path / "ok.log").read_bytes()
+    with pytest.raises(SystemExit, match=r"(?s)boom.*command failed \(3\); full log: .*bad\.log"):
+        run_logged([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "bad.log", echo=False)
+    assert "boom\n" not in capfd.readouterr().out  # echo=False: only the command line

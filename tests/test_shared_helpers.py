@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Transform
 from shared_transforms.datalist import fold_datalist, list_images, scan_cases, split_cases
-from shared_transforms.handlers import ResumeCheckpoint, SegmentationReport, dice_iou
+from shared_transforms.handlers import ResumeCheckpointLoader, ResumeCheckpointSaver, SegmentationReport, dice_iou
 
 
 def _cases(site: str, n: int) -> list[dict]:
@@ -117,6 +118,71 @@ def test_segmentation_report_per_case_pixelwise(tmp_path):
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
 
 
+def test_overlay_colours_each_kind_of_pixel_by_hand():
+    """overlay_rgb (blend_images): missed truth green, false positive red, agreement yellow, the rest the image."""
+    from shared_transforms.handlers import overlay_rgb
+
+    image = np.full((4, 4), 0.5)
+    image[0, 0], image[3, 3] = 0.0, 1.0  # the percentile range
+    gt, pred = np.zeros((4, 4)), np.zeros((4, 4))
+    gt[1, 1] = gt[1, 2] = 1
+    pred[1, 2] = pred[2, 2] = 1
+    rgb = overlay_rgb(image, gt, pred, alpha=0.5)
+    grey = np.clip((image - np.percentile(image, 1)) / (np.percentile(image, 99) - np.percentile(image, 1)), 0, 1)
+    assert rgb.shape == (4, 4, 3)
+    np.testing.assert_allclose(rgb[0, 1], [grey[0, 1]] * 3)  # untouched
+    np.testing.assert_allclose(rgb[1, 1], 0.5 * grey[1, 1] + 0.5 * np.array([0.0, 1.0, 0.0]))  # lime
+    np.testing.assert_allclose(rgb[2, 2], 0.5 * grey[2, 2] + 0.5 * np.array([1.0, 0.0, 0.0]))  # red
+    np.testing.assert_allclose(rgb[1, 2], 0.5 * grey[1, 2] + 0.5 * np.array([1.0, 1.0, 0.0]))  # yellow
+    photo = overlay_rgb(np.full((4, 4, 3), 255, np.uint8), None, pred, alpha=0.5)  # RGB 0-255, no truth
+    np.testing.assert_allclose(photo[2, 2], [1.0, 0.5, 0.5])
+    np.testing.assert_allclose(photo[0, 0], [1.0, 1.0, 1.0])
+
+
+def _ddp_gather(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from monai.data import DistributedSampler
+    from shared_transforms.utils import gather_in_order
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    mine = list(DistributedSampler(list(range(7)), even_divisible=False, shuffle=False, num_replicas=2, rank=rank))
+    merged = gather_in_order(mine)
+    # one case's slices split between the ranks: the report adds them up (the test above, split in two)
+    def item(case, pred, label):
+        return {"case": case, "pred": torch.tensor(pred)[None].float(), "label": torch.tensor(label)[None].float(),
+                "image": torch.rand(1, 2, 3)}
+
+    parts = [[item("A", [[1, 1, 0], [0, 0, 0]], [[1, 0, 0], [0, 0, 0]])],
+             [item("A", [[1, 1, 0], [0, 0, 0]], [[1, 1, 1], [0, 0, 0]]), item("B", [[0, 0, 0], [0, 0, 0]], [[0, 0, 0], [1, 1, 0]])]]
+    engine = Engine(lambda e, b: parts[rank])
+    SegmentationReport(out, num_overlays=2).attach(engine)
+    engine.run([0], max_epochs=1)
+    if rank == 0:
+        Path(out, "order.json").write_text(json.dumps({"mine": mine, "merged": merged}))
+    dist.destroy_process_group()
+
+
+def test_ddp_gather_restores_order_and_sums_a_split_case(tmp_path):
+    """Under 2 gloo processes: gather_in_order gives the one-process order; SegmentationReport merges the ranks'
+    counts before rank 0 alone writes (the same numbers as the one-process test above)."""
+    import torch.multiprocessing as mp
+    from bundle_cli import free_port
+
+    mp.spawn(_ddp_gather, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    order = json.loads((tmp_path / "order.json").read_text())
+    assert order == {"mine": [0, 2, 4, 6], "merged": list(range(7))}
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    rows = {r["case"]: r for r in result["cases"]}
+    assert rows["A"]["dice"] == pytest.approx(75.0) and rows["A"]["slices"] == 2 and rows["B"]["dice"] == 0.0
+    assert result["pooled_dice"] == pytest.approx(100 * 6 / 10)
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+    # MONAI MetricsSaver's per-case files beside the table (fractions)
+    raw = list(csv.DictReader(open(tmp_path / "dice_raw.csv")))
+    assert [(r["filename"], float(r["foreground"])) for r in raw] == [("A", 0.75), ("B", 0.0)]
+    summary = {r["class"]: r for r in csv.DictReader(open(tmp_path / "iou_summary.csv"), delimiter=",")}
+    assert float(summary["foreground"]["mean"]) == pytest.approx(0.3) and float(summary["foreground"]["notnans"]) == 2
+
+
 def _trainer(model, opt):
     def step(engine, batch):
         opt.zero_grad()
@@ -128,16 +194,24 @@ def _trainer(model, opt):
     return Engine(step)
 
 
+def _resume(engine, path, objects, **kwargs) -> ResumeCheckpointLoader:
+    """The pair a train config attaches: MONAI's CheckpointLoader and CheckpointSaver for the resume file."""
+    loader = ResumeCheckpointLoader(str(path), objects, **kwargs)
+    loader.attach(engine)
+    ResumeCheckpointSaver(str(path.parent), objects, filename=path.name, **kwargs).attach(engine)
+    return loader
+
+
 def test_resume_checkpoint_restores_state_and_respects_fingerprint(tmp_path):
     path = tmp_path / "resume" / "checkpoint.pt"
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     first = _trainer(model, opt)
-    ResumeCheckpoint(str(path), {"model": model, "optimizer": opt}, fingerprint="run-a").attach(first)
+    _resume(first, path, {"model": model, "optimizer": opt}, fingerprint="run-a")
     first.run([0, 0], max_epochs=2)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    assert not list(path.parent.glob("*.tmp")), "no temporary file left behind"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt"], "one file, no temporary one left"
 
     # a new process: fresh objects, asked for 3 epochs -> resumes at epoch 2 and runs one more
     model2 = torch.nn.Linear(2, 1)
@@ -145,18 +219,26 @@ def test_resume_checkpoint_restores_state_and_respects_fingerprint(tmp_path):
     second = _trainer(model2, opt2)
     seen = {}
     second.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.setdefault("first_epoch", e.state.epoch))
-    handler = ResumeCheckpoint(str(path), {"model": model2, "optimizer": opt2}, fingerprint="run-a")
-    handler.attach(second)
+    _resume(second, path, {"model": model2, "optimizer": opt2}, fingerprint="run-a")
     second.add_event_handler(Events.STARTED, lambda e: seen.setdefault("weights", {k: v.clone() for k, v in model2.state_dict().items()}))
     second.run([0, 0], max_epochs=3)
     assert seen["first_epoch"] == 3 and second.state.iteration == 6
     assert all(torch.equal(seen["weights"][k], saved[k]) for k in saved)
+    after_three = {k: v.clone() for k, v in model2.state_dict().items()}
+
+    # asked for fewer epochs than the checkpoint holds: nothing to train (MONAI's loader alone would raise)
+    model_f = torch.nn.Linear(2, 1)
+    fewer = _trainer(model_f, torch.optim.SGD(model_f.parameters(), lr=0.1))
+    _resume(fewer, path, {"model": model_f}, fingerprint="run-a")
+    fewer.run([0, 0], max_epochs=2)
+    assert fewer.state.epoch == 3 and fewer.state.iteration == 6
+    assert all(torch.equal(model_f.state_dict()[k], after_three[k]) for k in after_three)
 
     # another run's checkpoint is not resumed from
     model3 = torch.nn.Linear(2, 1)
     opt3 = torch.optim.SGD(model3.parameters(), lr=0.1)
     third = _trainer(model3, opt3)
-    ResumeCheckpoint(str(path), {"model": model3, "optimizer": opt3}, fingerprint="run-b").attach(third)
+    _resume(third, path, {"model": model3, "optimizer": opt3}, fingerprint="run-b")
     third.run([0, 0], max_epochs=1)
     assert third.state.iteration == 2
 
@@ -174,15 +256,42 @@ def test_resume_checkpoint_restores_state_and_respects_fingerprint(tmp_path):
     model4 = torch.nn.Linear(2, 1)
     fourth = _trainer(model4, torch.optim.SGD(model4.parameters(), lr=0.1))
     counter = Counter()
-    ResumeCheckpoint(str(path), {"model": model4, "counter": counter}, fingerprint="run-b").attach(fourth)
+    _resume(fourth, path, {"model": model4, "counter": counter}, fingerprint="run-b")
     fourth.run([0, 0], max_epochs=2)
     assert fourth.state.iteration == 4 and counter.n == 0
     # without the network itself the checkpoint is refused with its path in the message
     torch.save({"trainer": {"epoch": 1}, "fingerprint": "run-c"}, path)
     fifth = _trainer(torch.nn.Linear(2, 1), None)
-    ResumeCheckpoint(str(path), {"model": torch.nn.Linear(2, 1)}, fingerprint="run-c").attach(fifth)
+    _resume(fifth, path, {"model": torch.nn.Linear(2, 1)}, fingerprint="run-c")
     with pytest.raises(ValueError, match="no 'model'"):
         fifth.run([0, 0], max_epochs=1)
+
+
+def test_resume_from_a_checkpoint_written_before_0_4(tmp_path):
+    """The former ResumeCheckpoint kept fingerprint, random states and best metric at the top level: all restored."""
+    from shared_transforms.handlers import rng_state
+
+    path = tmp_path / "resume" / "checkpoint.pt"
+    path.parent.mkdir()
+    model = torch.nn.Linear(2, 1)
+    torch.manual_seed(3)
+    expected = float(torch.rand(1))
+    torch.manual_seed(3)
+    old = {"model": model.state_dict(), "trainer": {"iteration": 4, "max_epochs": 2, "epoch_length": 2},
+           "rng": rng_state(), "best": {"best_metric": 0.8, "best_metric_epoch": 2, "savers": []},
+           "fingerprint": "run-a"}
+    torch.save(old, path)
+    torch.manual_seed(99)
+    evaluator = Engine(lambda e, b: None)
+    evaluator.state.best_metric, evaluator.state.best_metric_epoch = -1.0, -1
+    model2 = torch.nn.Linear(2, 1)
+    trainer = _trainer(model2, torch.optim.SGD(model2.parameters(), lr=0.1))
+    draws = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: draws.append(float(torch.rand(1))))
+    _resume(trainer, path, {"model": model2}, fingerprint="run-a", evaluator=evaluator)
+    trainer.run([0, 0], max_epochs=3)
+    assert trainer.state.iteration == 6 and evaluator.state.best_metric == 0.8
+    assert draws == [expected]  # the saved torch random state, not the seed set before the run
 
 
 class _CountingSlicer(Transform):
@@ -317,7 +426,7 @@ def test_learning_curves_keep_the_epochs_before_a_resume(tmp_path):
         model = torch.nn.Linear(2, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         trainer = _trainer(model, opt)
-        ResumeCheckpoint(str(tmp_path / "ckpt.pt"), {"model": model, "optimizer": opt}).attach(trainer)
+        _resume(trainer, tmp_path / "ckpt.pt", {"model": model, "optimizer": opt})
         LearningCurves(str(tmp_path / "eval"), optimizer=opt).attach(trainer)
         trainer.run([0, 0], max_epochs=max_epochs)
         return list(csv.DictReader(open(tmp_path / "eval" / "learning_curves.csv")))

@@ -10,12 +10,13 @@ datalist can have been read. One entry names a missing label: it is reported in
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import BUNDLES, bundle_run, make_phantoms
+from helpers import BUNDLES, assert_progress_eta, bundle_run, make_phantoms
 
 from shared_transforms.datalist import scan_cases
 from shared_transforms.datalist_file import read_datalist_file
@@ -65,11 +66,11 @@ def _liver(tmp: Path):
 
 
 def _polyp(tmp: Path):
-    data = make_phantoms("polyp", tmp / "data", cwd=tmp, train=8, per_test_set=1, size=48, broken=False)
+    data = make_phantoms("polyp", tmp / "data", cwd=tmp, train=14, per_test_set=1, size=48, broken=False)
     pairs = [(p, data / "TrainDataset" / "masks" / p.name) for p in sorted((data / "TrainDataset" / "images").glob("*.png"))]
     file, train = _decathlon(pairs, tmp / "user", ".png", n_val=2, n_test=2)
     return ["train_teacher.json"], file, train, "eval/teacher/datalist.json", dict(image_size=64, size_multiple=32,
-                                                                                    batch_size=4)
+                                                                                    batch_size=2)
 
 
 def _cardiac(tmp: Path):
@@ -89,11 +90,23 @@ SETUPS = {"prostate_mri_transfer": _prostate, "liver_ct_mri_transfer": _liver, "
 def test_training_from_a_datalist_file_and_its_written_datalist_reads_back(bundle, tmp_path):
     configs, file, train_names, written, small = SETUPS[bundle](tmp_path)
     root = tmp_path / "bundle"
-    bundle_run(bundle, configs, cwd=tmp_path, run_id="training", bundle_root=str(root), epochs=1,
-               dataset_dir=str(tmp_path / "no_such_folder"), datalist_file=str(file), **small)
+    proc = bundle_run(bundle, configs, cwd=tmp_path, run_id="training", bundle_root=str(root), epochs=1,
+                      dataset_dir=str(tmp_path / "no_such_folder"), datalist_file=str(file), **small)
+    # progress bars on stdout with elapsed<remaining (the ETA): the training epoch, and the volumes' preparation
+    assert_progress_eta(proc.stdout, "Iteration")
+    if bundle != "polyp_kdas_student":
+        assert re.search(r"preparing volumes: +100%.*\[\d\d:\d\d<00:00", proc.stdout), proc.stdout[-3000:]
 
     models = root / ("models/teacher" if bundle == "polyp_kdas_student" else "models")
     assert torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    # TensorBoardImageHandler: image, label and prediction of a validation item, at the trainer's epoch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / Path(written).parent / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Tags()["images"]
+    assert any(t.startswith("input_0") for t in images) and any(t.startswith("output") for t in images), images
+    assert {e.step for t in images for e in events.Images(t)} == {1}
     datalist = json.loads((root / written).read_text())
     used = {key: [c["case"] for c in datalist[key]] for key in ("training", "validation", "test")}
     assert used["test"] and used["validation"]

@@ -29,15 +29,25 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import CropForeground, MapTransform, NormalizeIntensity, Resize, ResizeWithPadOrCrop
+
 from shared_transforms.datalist import BAD_CASES_FILE, fold_datalist, scan_cases, split_cases, write_json
-from shared_transforms.datalist_file import case_id as _stem, read_datalist_file
+from shared_transforms.datalist_file import case_id as _stem
+from shared_transforms.datalist_file import read_datalist_file
 from shared_transforms.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "find_mnms2_cases", "mnms2_datalist", "list_unlabelled", "inference_datalist", "median_spacing",
-    "target_spacing", "preprocess_volume", "invert_volume", "CardiacSlicesd", "CLASSES",
+    "find_mnms2_cases",
+    "mnms2_datalist",
+    "list_unlabelled",
+    "inference_datalist",
+    "median_spacing",
+    "target_spacing",
+    "preprocess_volume",
+    "invert_volume",
+    "CardiacSlicesd",
+    "CLASSES",
 ]
 
 CLASSES = {"0": "background", "1": "LV", "2": "MYO", "3": "RV"}
@@ -76,16 +86,31 @@ def find_mnms2_cases(dataset_dir: str, view: str = "SA") -> list[dict]:
     cases = []
     for (subject, phase), image in sorted(images.items()):
         row = info.get(subject, {})
-        cases.append({
-            "image": image, "label": labels.get((subject, phase)), "case": f"{subject}_{view}_{phase}",
-            "subject": subject, "phase": phase, "view": view,
-            "vendor": row.get("VENDOR", ""), "disease": row.get("DISEASE", ""),
-        })
+        cases.append(
+            {
+                "image": image,
+                "label": labels.get((subject, phase)),
+                "case": f"{subject}_{view}_{phase}",
+                "subject": subject,
+                "phase": phase,
+                "view": view,
+                "vendor": row.get("VENDOR", ""),
+                "disease": row.get("DISEASE", ""),
+            }
+        )
     return cases
 
 
-def mnms2_datalist(dataset_dir: str, view: str = "SA", test_fraction: float = 0.2, n_folds: int = 5, fold: int = 0,
-                   seed: int = 0, output_dir: str | None = None, datalist_file: str | None = None) -> dict[str, list]:
+def mnms2_datalist(
+    dataset_dir: str,
+    view: str = "SA",
+    test_fraction: float = 0.2,
+    n_folds: int = 5,
+    fold: int = 0,
+    seed: int = 0,
+    output_dir: str | None = None,
+    datalist_file: str | None = None,
+) -> dict[str, list]:
     """Labelled subjects split per subject into training / validation / test; unlabelled images listed apart.
 
     With ``datalist_file`` (a MONAI/Decathlon datalist JSON of short-axis volumes and their
@@ -96,8 +121,14 @@ def mnms2_datalist(dataset_dir: str, view: str = "SA", test_fraction: float = 0.
     ``output_dir`` when given.
     """
     if datalist_file:
-        datalist = read_datalist_file(datalist_file, scan_cases, val_fraction=1 / n_folds, seed=seed,
-                                      patient_key="subject", extra_keys=["unlabelled"])
+        datalist = read_datalist_file(
+            datalist_file,
+            scan_cases,
+            val_fraction=1 / n_folds,
+            seed=seed,
+            patient_key="subject",
+            extra_keys=["unlabelled"],
+        )
         bad = datalist.pop("bad_cases")
     else:
         cases = find_mnms2_cases(dataset_dir, view)
@@ -124,11 +155,15 @@ def list_unlabelled(folder: str, view: str = "SA") -> list[dict]:
 
 
 def inference_datalist(folder: str) -> list[dict]:
-    """``[{"image": path}]`` for every ``.nii``/``.nii.gz`` directly inside ``folder`` whose name does not end in ``_gt``."""
+    """``[{"image": path}]`` for every ``.nii``/``.nii.gz`` directly inside ``folder``, except ``*_gt`` files."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz")) and not _stem(p).endswith("_gt"))
+    files = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_file() and p.name.endswith((".nii", ".nii.gz")) and not _stem(p).endswith("_gt")
+    )
     if not files:
         raise FileNotFoundError(f"no .nii/.nii.gz image directly inside {root}")
     return [{"image": str(p)} for p in files]
@@ -139,8 +174,9 @@ def _spacing_of(path: str) -> tuple[float, float, float]:
     return tuple(float(z) for z in (list(zooms) + [1.0, 1.0, 1.0])[:3])
 
 
-def median_spacing(data: Sequence[Mapping[str, Any]], image_key: str = "image",
-                   default: Sequence[float] = (1.25, 1.25)) -> list[float]:
+def median_spacing(
+    data: Sequence[Mapping[str, Any]], image_key: str = "image", default: Sequence[float] = (1.25, 1.25)
+) -> list[float]:
     """The median in-plane spacing (mm) over ``data``'s images: the network grid's spacing.
 
     An empty ``data`` (a workflow built before its data is given, e.g. a property check) gets
@@ -162,11 +198,18 @@ def target_spacing(ckpt_dir: str, default: Sequence[float] = (1.25, 1.25)) -> li
 
 
 def save_target_spacing(ckpt_dir: str, spacing: Sequence[float], view: str) -> str:
-    return write_json(Path(ckpt_dir) / "preprocessing.json", {"target_spacing": [float(s) for s in spacing], "view": view})
+    return write_json(
+        Path(ckpt_dir) / "preprocessing.json", {"target_spacing": [float(s) for s in spacing], "view": view}
+    )
 
 
-def preprocess_volume(image: np.ndarray | torch.Tensor, spacing: Sequence[float], target: Sequence[float], size: int,
-                      label: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+def preprocess_volume(
+    image: np.ndarray | torch.Tensor,
+    spacing: Sequence[float],
+    target: Sequence[float],
+    size: int,
+    label: np.ndarray | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """``image`` (H, W, Z) -> network input (Z, 1, size, size), label (Z, 1, size, size) and the inversion info.
 
     MONAI transforms on the slices as channels ``(Z, H, W)``, so every step is in-plane:
@@ -186,18 +229,26 @@ def preprocess_volume(image: np.ndarray | torch.Tensor, spacing: Sequence[float]
         cropped, start, stop = chan.clone(), np.array([0, 0]), np.array([h, w])
         cropped.applied_operations = []
         crop = None
-    new = (max(1, round(cropped.shape[1] * spacing[0] / target[0])), max(1, round(cropped.shape[2] * spacing[1] / target[1])))
+    new = (
+        max(1, round(cropped.shape[1] * spacing[0] / target[0])),
+        max(1, round(cropped.shape[2] * spacing[1] / target[1])),
+    )
     resize = Resize(spatial_size=new, mode="bilinear", align_corners=False)
     x = pad(NormalizeIntensity()(resize(cropped)))
     y = None
     if label is not None:
         lab = torch.as_tensor(np.asarray(label), dtype=torch.float32)
         lab = (lab[..., None] if lab.ndim == 2 else lab).permute(2, 0, 1).contiguous()
-        lab = lab[:, int(start[0]):int(stop[0]), int(start[1]):int(stop[1])]
+        lab = lab[:, int(start[0]) : int(stop[0]), int(start[1]) : int(stop[1])]
         y = pad(Resize(spatial_size=new, mode="nearest")(lab)).as_tensor()[:, None]
-    info = {"shape": (h, w, z), "box": (int(start[0]), int(stop[0]), int(start[1]), int(stop[1])), "resampled": new,
-            "size": size, "transforms": [t for t in (crop, resize, pad) if t is not None],
-            "applied_operations": list(x.applied_operations)}
+    info = {
+        "shape": (h, w, z),
+        "box": (int(start[0]), int(stop[0]), int(start[1]), int(stop[1])),
+        "resampled": new,
+        "size": size,
+        "transforms": [t for t in (crop, resize, pad) if t is not None],
+        "applied_operations": list(x.applied_operations),
+    }
     return x.as_tensor()[:, None], y, info
 
 
@@ -231,8 +282,14 @@ class CardiacSlicesd(MapTransform):
     "case", "slice_index"}``.
     """
 
-    def __init__(self, keys: KeysCollection, target_spacing: Sequence[float], size: int = 256,
-                 label_key: str = "label", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        target_spacing: Sequence[float],
+        size: int = 256,
+        label_key: str = "label",
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.target_spacing = [float(s) for s in target_spacing]
         self.size = int(size)
@@ -243,8 +300,13 @@ class CardiacSlicesd(MapTransform):
         image = d["image"]
         spacing = spacing_from_meta(image)
         label = d.get(self.label_key)
-        x, y, _ = preprocess_volume(np.asarray(image)[0], spacing, self.target_spacing, self.size,
-                                    None if label is None else np.asarray(label)[0])
+        x, y, _ = preprocess_volume(
+            np.asarray(image)[0],
+            spacing,
+            self.target_spacing,
+            self.size,
+            None if label is None else np.asarray(label)[0],
+        )
         case = str(d.get("case", Path(str(getattr(image, "meta", {}).get("filename_or_obj", "case"))).name))
         out = []
         for k in range(x.shape[0]):
@@ -264,7 +326,9 @@ class SaveMaskd(SaveImaged):
     pads) and the input file's header and affine. A ``SaveImaged`` subclass, so MONAI Label drops
     it and uses its own writer."""
 
-    def __init__(self, keys: KeysCollection, output_dir: str, output_postfix: str = "seg", print_log: bool = True) -> None:
+    def __init__(
+        self, keys: KeysCollection, output_dir: str, output_postfix: str = "seg", print_log: bool = True
+    ) -> None:
         super().__init__(keys=keys, output_dir=output_dir, output_postfix=output_postfix, print_log=False)
         self.out_dir, self.postfix, self.verbose = Path(output_dir), output_postfix, print_log
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from shared_transforms.datalist import write_json
-from shared_transforms.handlers import atomic_torch_save
-from shared_transforms.utils import unwrap_model
+from shared_transforms.handlers import atomic_torch_save, save_overlay, write_case_reports
+from shared_transforms.utils import gather_in_order, gather_objects, is_main_process, unwrap_model
 
 from .qc import CLASS_NAMES, _json_safe, dice, hausdorff
 
@@ -21,24 +22,28 @@ logger = logging.getLogger(__name__)
 __all__ = ["BestCheckpoints", "CardiacMetrics"]
 
 
-def _main() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
 class BestCheckpoints:
     """Keep the ``k`` best checkpoints of ``network`` by the evaluator's ``metric_name`` (lower is
     better for a loss), as files ``save_dir/model_epoch<E>.pt`` with an index
     ``save_dir/candidates.json`` (file, epoch, score, best first); the best is also copied to
     ``best_file`` (e.g. ``models/model.pt``). Attach to the validation evaluator.
 
-    The list survives a resume: put the handler in the ``save_dict`` of the run's
-    ``ResumeCheckpoint`` (``state_dict``/``load_state_dict``), so after a restart a candidate
+    The list survives a resume: put the handler in the ``save_dict``/``load_dict`` of the run's
+    ``ResumeCheckpointSaver``/``Loader`` (``state_dict``/``load_state_dict``), so after a restart a candidate
     only enters the list, and ``best_file`` is only overwritten, when it beats what is kept.
     """
 
-    def __init__(self, save_dir: str, network: torch.nn.Module, k: int = 3, metric_name: str = "val_loss",
-                 mode: str = "min", best_file: str | None = None, prefix: str = "model_epoch",
-                 trainer=None) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        network: torch.nn.Module,
+        k: int = 3,
+        metric_name: str = "val_loss",
+        mode: str = "min",
+        best_file: str | None = None,
+        prefix: str = "model_epoch",
+        trainer=None,
+    ) -> None:
         if k < 1:
             raise ValueError(f"k (m_best) must be >= 1, got {k}")
         self.save_dir, self.network, self.k = Path(save_dir), network, int(k)
@@ -66,11 +71,11 @@ class BestCheckpoints:
         score = float(engine.state.metrics[self.metric_name])
         # a validator run by ValidationHandler counts the trainer's epochs
         epoch = int(self.trainer.state.epoch) if self.trainer is not None else int(engine.state.epoch)
-        if not _main() or not math.isfinite(score):
+        if not is_main_process() or not math.isfinite(score):
             return
         entry = {"file": f"{self.prefix}{epoch}.pt", "epoch": epoch, self.metric_name: score}
         ranked = sorted(self.kept + [entry], key=lambda e: self.sign * e[self.metric_name])
-        keep, drop = ranked[: self.k], ranked[self.k:]
+        keep, drop = ranked[: self.k], ranked[self.k :]
         net = unwrap_model(self.network)
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         if entry in keep:
@@ -79,8 +84,10 @@ class BestCheckpoints:
             if e is not entry:
                 (self.save_dir / e["file"]).unlink(missing_ok=True)
         self.kept = keep
-        write_json(self.save_dir / "candidates.json", {"metric": self.metric_name, "mode": "min" if self.sign > 0 else "max",
-                                                       "candidates": self.kept})
+        write_json(
+            self.save_dir / "candidates.json",
+            {"metric": self.metric_name, "mode": "min" if self.sign > 0 else "max", "candidates": self.kept},
+        )
         if self.best_file is not None and keep[0] is entry:
             atomic_torch_save(state, self.best_file)
             logger.info("new best %s %.5f at epoch %d -> %s", self.metric_name, score, epoch, self.best_file)
@@ -90,7 +97,11 @@ class CardiacMetrics:
     """Per-case Dice and Hausdorff distance (mm, on the input's grid) for RV, LV and MYO.
 
     Reads the evaluator's items (``pred``: label map (1, H, W, Z) after argmax, ``label``) and
-    writes ``metrics.csv``, ``metrics.json`` (per class mean/std, RV first) and ``metrics.md``.
+    writes ``metrics.csv``, ``metrics.json`` (per class mean/std, RV first) and ``metrics.md``;
+    MONAI ``MetricsSaver``'s per-case ``dice_raw.csv`` / ``hd_mm_raw.csv`` (failures at the volume
+    diagonal) and their ``*_summary.csv``;
+    and ``overlays/<case>.png`` (the RV, the challenge's class, on the SA slice with the most RV
+    ground truth) for ``num_overlays`` cases.
 
     A case whose HD is infinite (the class is missing from the prediction or from the label)
     is a failure, not a gap: ``mean_hd_mm_<class>`` counts it at the penalty of the volume's
@@ -100,15 +111,19 @@ class CardiacMetrics:
 
     ORDER = [3, 1, 2]  # RV first
 
-    def __init__(self, output_dir: str, prefix: str = "", qc_inferer=None) -> None:
+    def __init__(self, output_dir: str, prefix: str = "", qc_inferer=None, num_overlays: int = 4) -> None:
         self.output_dir, self.prefix, self.qc_inferer = Path(output_dir), prefix, qc_inferer
+        self.num_overlays = int(num_overlays)
         self.rows: list[dict] = []
         self._penalty: dict[str, float] = {}  # case -> volume diagonal (mm), the HD of a failed case
+        self._slices: list[tuple] = []  # (case, image, RV truth, RV prediction) of the first num_overlays cases
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: (self.rows.clear(), self._penalty.clear()))
+        engine.add_event_handler(
+            Events.EPOCH_STARTED, lambda e: (self.rows.clear(), self._penalty.clear(), self._slices.clear())
+        )
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
@@ -120,7 +135,9 @@ class CardiacMetrics:
             spacing = [float(np.linalg.norm(np.asarray(label.affine)[:3, i])) for i in range(3)]
             lab = np.asarray(label.detach().cpu())[0]
             # the image's name (the label's may differ, e.g. a hidden reference label)
-            name = str(getattr(item["pred"], "meta", {}).get("filename_or_obj") or label.meta.get("filename_or_obj", "case"))
+            name = str(
+                getattr(item["pred"], "meta", {}).get("filename_or_obj") or label.meta.get("filename_or_obj", "case")
+            )
             row = {"case": Path(name).name.split(".nii")[0].removesuffix("_gt")}
             self._penalty[row["case"]] = float(np.linalg.norm(np.asarray(lab.shape) * np.asarray(spacing[: lab.ndim])))
             for c in self.ORDER:
@@ -130,6 +147,12 @@ class CardiacMetrics:
                 row["ood"] = self.qc_inferer.last_report["ood"]
                 row["selected_model"] = self.qc_inferer.last_report["selected_model"]
             self.rows.append(row)
+            if len(self._slices) < self.num_overlays and "image" in item and lab.ndim == 3:
+                rv = self.ORDER[0]
+                z = int(np.argmax((lab == rv).sum(axis=(0, 1))))
+                image = np.asarray(torch.as_tensor(item["image"]).detach().cpu())[0]
+                if image.shape == lab.shape:
+                    self._slices.append((row["case"], image[..., z], lab[..., z] == rv, pred[..., z] == rv))
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n_cases": len(self.rows)}
@@ -141,8 +164,13 @@ class CardiacMetrics:
                 if metric == "hd_mm":
                     out[f"n_infinite_{key}"] = int((~np.isfinite(vals)).sum())
                     out[f"mean_finite_{key}"] = float(finite.mean()) if len(finite) else math.nan
-                    vals = np.array([v if math.isfinite(v) else self._penalty.get(r["case"], math.nan)
-                                     for v, r in zip(vals, self.rows)], float)
+                    vals = np.array(
+                        [
+                            v if math.isfinite(v) else self._penalty.get(r["case"], math.nan)
+                            for v, r in zip(vals, self.rows)
+                        ],
+                        float,
+                    )
                     finite = vals[np.isfinite(vals)]
                 out[f"mean_{key}"] = float(finite.mean()) if len(finite) else math.nan
                 out[f"std_{key}"] = float(finite.std()) if len(finite) else math.nan
@@ -151,8 +179,19 @@ class CardiacMetrics:
         return out
 
     def write(self, engine=None) -> dict[str, Any]:
+        """Write the tables on the main process; under DDP the rows of every rank first, in the test set's order."""
+        self.rows = gather_in_order(self.rows)
+        self._penalty = {k: v for part in gather_objects(self._penalty) for k, v in part.items()}
+        self._slices = gather_in_order(self._slices)[: self.num_overlays]
         result = self.summary()
+        if not is_main_process():
+            return result
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self._slices:
+            (self.output_dir / "overlays").mkdir(exist_ok=True)
+        for case, image, gt, pr in self._slices:
+            rv_dice = next(r["dice_RV"] for r in self.rows if r["case"] == case)
+            save_overlay(image, gt, pr, self.output_dir / "overlays" / f"{case}.png", f"{case}  RV  Dice {rv_dice:.3f}")
         if self.rows:
             with open(self.output_dir / f"{self.prefix}metrics.csv", "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
@@ -162,12 +201,33 @@ class CardiacMetrics:
         lines = ["| class | Dice | HD (mm) | HD failures (counted at the volume diagonal) |", "|---|---:|---:|---:|"]
         for c in self.ORDER:
             n = CLASS_NAMES[c]
-            lines.append(f"| {n} | {result[f'mean_dice_{n}']:.4f} ± {result[f'std_dice_{n}']:.4f} | "
-                         f"{result[f'mean_hd_mm_{n}']:.2f} ± {result[f'std_hd_mm_{n}']:.2f} | "
-                         f"{result[f'n_infinite_hd_mm_{n}']} of {result['n_cases']} |")
+            lines.append(
+                f"| {n} | {result[f'mean_dice_{n}']:.4f} ± {result[f'std_dice_{n}']:.4f} | "
+                f"{result[f'mean_hd_mm_{n}']:.2f} ± {result[f'std_hd_mm_{n}']:.2f} | "
+                f"{result[f'n_infinite_hd_mm_{n}']} of {result['n_cases']} |"
+            )
         (self.output_dir / f"{self.prefix}metrics.md").write_text("\n".join(lines) + "\n")
-        logger.info("%d cases: RV Dice %.4f, RV HD %.2f mm -> %s", len(self.rows), result["mean_dice_RV"],
-                    result["mean_hd_mm_RV"], self.output_dir)
+        names = [CLASS_NAMES[c] for c in self.ORDER]
+        hd = [
+            [
+                r[f"hd_mm_{n}"] if math.isfinite(r[f"hd_mm_{n}"]) else self._penalty.get(r["case"], math.nan)
+                for n in names
+            ]
+            for r in self.rows
+        ]
+        write_case_reports(
+            self.output_dir,
+            [r["case"] for r in self.rows],
+            {f"{self.prefix}dice": [[r[f"dice_{n}"] for n in names] for r in self.rows], f"{self.prefix}hd_mm": hd},
+            names,
+        )
+        logger.info(
+            "%d cases: RV Dice %.4f, RV HD %.2f mm -> %s",
+            len(self.rows),
+            result["mean_dice_RV"],
+            result["mean_hd_mm_RV"],
+            self.output_dir,
+        )
         return result
 
 

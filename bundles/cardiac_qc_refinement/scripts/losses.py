@@ -15,8 +15,9 @@ from torch import nn
 __all__ = ["generalized_dice_loss", "GeneralizedDiceCELoss", "SegmenterLoss", "QCLoss", "OneHotLabelBatch"]
 
 
-def generalized_dice_loss(probs: torch.Tensor, target: torch.Tensor, class_weights: Sequence[float] | None = None,
-                          eps: float = 1e-5) -> torch.Tensor:
+def generalized_dice_loss(
+    probs: torch.Tensor, target: torch.Tensor, class_weights: Sequence[float] | None = None, eps: float = 1e-5
+) -> torch.Tensor:
     """L_WGD: generalised Dice (Sudre et al. 2017) of probabilities vs a (soft or one-hot) target,
     both (B, C, ...), over the whole batch, with extra per-class weights.
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.metrics import compute_hausdorff_distance
+from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from shared_transforms.files import write_json
 from shared_transforms.utils import as_bool
@@ -28,22 +28,43 @@ from .data import _stem, invert_volume, phase_of, preprocess_volume, spacing_fro
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dice", "hausdorff", "qc_measures", "iqr_thresholds", "pooled_measures", "set_thresholds", "thresholds_of",
-           "is_ood", "select_candidate", "load_candidates", "QCInferer", "QCResultd", "calibrate", "RV"]
+__all__ = [
+    "dice",
+    "hausdorff",
+    "qc_measures",
+    "iqr_thresholds",
+    "pooled_measures",
+    "set_thresholds",
+    "thresholds_of",
+    "is_ood",
+    "select_candidate",
+    "load_candidates",
+    "QCInferer",
+    "QCResultd",
+    "calibrate",
+    "RV",
+]
 
 RV = 3  # the class that drives the OoD decision and the selection
 CLASS_NAMES = {1: "LV", 2: "MYO", 3: "RV"}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary masks; 1.0 when both are empty."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
+    """Dice of two binary masks (``monai.metrics.compute_dice``); 1.0 when both are empty (``ignore_empty=False``)."""
+    a, b = np.ascontiguousarray(a, bool), np.ascontiguousarray(b, bool)  # a flipped view has negative strides
+    return float(
+        compute_dice(
+            torch.from_numpy(a)[None, None].float(),
+            torch.from_numpy(b)[None, None].float(),
+            include_background=True,
+            ignore_empty=False,
+        )
+    )
 
 
-def hausdorff(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None,
-              percentile: float | None = None) -> float:
+def hausdorff(
+    a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = None, percentile: float | None = None
+) -> float:
     """Symmetric Hausdorff distance between the SURFACES of two binary masks (MONAI's
     ``compute_hausdorff_distance``), in units of ``spacing`` (default pixels); ``percentile``
     (e.g. 95) gives the robust variant.
@@ -65,8 +86,13 @@ def hausdorff(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] | None = No
     a, b = a.reshape([a.shape[i] for i in keep]), b.reshape([b.shape[i] for i in keep])
     if sampling is not None:
         sampling = [sampling[i] for i in keep]
-    value = compute_hausdorff_distance(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None],
-                                       include_background=True, percentile=percentile, spacing=sampling)
+    value = compute_hausdorff_distance(
+        torch.from_numpy(a)[None, None],
+        torch.from_numpy(b)[None, None],
+        include_background=True,
+        percentile=percentile,
+        spacing=sampling,
+    )
     return float(value.reshape(-1)[0])
 
 
@@ -129,8 +155,9 @@ def pooled_measures(rows: Sequence[Mapping[str, Any]], pooling: str = "all_pairs
     return [max(d for d, _ in p) for p in pairs], [min(h for _, h in p) for p in pairs]
 
 
-def set_thresholds(rows: Sequence[Mapping[str, Any]], pooling: str = "all_pairs",
-                   split_by_phase: bool = False) -> dict[str, Any]:
+def set_thresholds(
+    rows: Sequence[Mapping[str, Any]], pooling: str = "all_pairs", split_by_phase: bool = False
+) -> dict[str, Any]:
     """IQR thresholds over a screened set (:func:`pooled_measures`, :func:`iqr_thresholds`).
 
     With ``split_by_phase`` the rows' ``"phase"`` (ED/ES) also get their own thresholds under
@@ -139,8 +166,9 @@ def set_thresholds(rows: Sequence[Mapping[str, Any]], pooling: str = "all_pairs"
     th: dict[str, Any] = {**iqr_thresholds(*pooled_measures(rows, pooling)), "pooling": pooling}
     if split_by_phase:
         phases = sorted({r.get("phase") for r in rows} - {None})
-        th["by_phase"] = {p: iqr_thresholds(*pooled_measures([r for r in rows if r.get("phase") == p], pooling))
-                          for p in phases}
+        th["by_phase"] = {
+            p: iqr_thresholds(*pooled_measures([r for r in rows if r.get("phase") == p], pooling)) for p in phases
+        }
     return th
 
 
@@ -155,8 +183,9 @@ def _fails(pdc: float, phd: float, th_low: float, th_up: float) -> bool:
     return pdc < th_low or phd > th_up or math.isinf(phd)
 
 
-def is_ood(pdcs: Sequence[float], phds: Sequence[float], th_low: float, th_up: float,
-           rule: str = "every_candidate") -> bool:
+def is_ood(
+    pdcs: Sequence[float], phds: Sequence[float], th_low: float, th_up: float, rule: str = "every_candidate"
+) -> bool:
     """Is a volume out of distribution, given its candidates' pDC and pHD?
 
     ``every_candidate`` (paper): every candidate has pDC < th_low or pHD > th_up.
@@ -224,12 +253,25 @@ class QCInferer:
     is missing, reuses them: an interrupted run finishes with the verdicts of an uninterrupted one.
     """
 
-    def __init__(self, qc_network: torch.nn.Module | None, qc_ckpt: str | None, candidates_dir: str | None,
-                 target_spacing: Sequence[float], image_size: int = 256, report_dir: str | None = None,
-                 calibration_file: str | None = None, use_qc: bool = True, slice_batch_size: int = 16,
-                 min_set_size: int = 4, threshold_source: str = "set", num_classes: int = 4,
-                 threshold_pooling: str = "all_pairs", ood_rule: str = "every_candidate",
-                 split_by_phase: bool = False, overwrite: bool = True) -> None:
+    def __init__(
+        self,
+        qc_network: torch.nn.Module | None,
+        qc_ckpt: str | None,
+        candidates_dir: str | None,
+        target_spacing: Sequence[float],
+        image_size: int = 256,
+        report_dir: str | None = None,
+        calibration_file: str | None = None,
+        use_qc: bool = True,
+        slice_batch_size: int = 16,
+        min_set_size: int = 4,
+        threshold_source: str = "set",
+        num_classes: int = 4,
+        threshold_pooling: str = "all_pairs",
+        ood_rule: str = "every_candidate",
+        split_by_phase: bool = False,
+        overwrite: bool = True,
+    ) -> None:
         _check("threshold_source", threshold_source, ("set", "calibration"))
         self.threshold_pooling = _check("threshold_pooling", threshold_pooling, POOLINGS)
         self.ood_rule = _check("ood_rule", ood_rule, OOD_RULES)
@@ -275,8 +317,10 @@ class QCInferer:
         was_training = net.training
         net.eval()
         device = next(net.parameters()).device
-        out = [torch.softmax(net(x[i:i + self.slice_batch_size].to(device)), 1).float().cpu()
-               for i in range(0, x.shape[0], self.slice_batch_size)]
+        out = [
+            torch.softmax(net(x[i : i + self.slice_batch_size].to(device)), 1).float().cpu()
+            for i in range(0, x.shape[0], self.slice_batch_size)
+        ]
         net.train(was_training)
         return torch.cat(out)
 
@@ -284,8 +328,12 @@ class QCInferer:
     def reconstruct(self, soft: torch.Tensor) -> torch.Tensor:
         qc = self.qc()
         device = next(qc.parameters()).device
-        return torch.cat([qc(soft[i:i + self.slice_batch_size].to(device)).float().cpu()
-                          for i in range(0, soft.shape[0], self.slice_batch_size)])
+        return torch.cat(
+            [
+                qc(soft[i : i + self.slice_batch_size].to(device)).float().cpu()
+                for i in range(0, soft.shape[0], self.slice_batch_size)
+            ]
+        )
 
     def measures(self, soft: torch.Tensor, z_ratio: float = 1.0) -> dict[str, dict[str, float]]:
         """pDC and pHD (pixels of the network grid and mm) per class between the prediction and R's reconstruction."""
@@ -329,12 +377,16 @@ class QCInferer:
             source = "validation set (saved with the model)"
             if cal.get("volumes"):  # the saved measures: pooled (and split) the way this inferer is configured
                 num = lambda v: math.nan if v is None else float(v)  # noqa: E731  (null: NaN, see _json_safe)
-                rows = [{**r, "pDC": [num(v) for v in r["pDC"]], "pHD": [num(v) for v in r["pHD"]]} for r in cal["volumes"]]
+                rows = [
+                    {**r, "pDC": [num(v) for v in r["pDC"]], "pHD": [num(v) for v in r["pHD"]]} for r in cal["volumes"]
+                ]
                 return {**set_thresholds(rows, self.threshold_pooling, self.split_by_phase), "source": source}
             return {"th_low": float(cal["th_low"]), "th_up": float(cal["th_up"]), "source": source}
         return None
 
-    def screen(self, data: Sequence[Mapping[str, Any]], network: torch.nn.Module | None = None, loader=None) -> dict[str, Any]:
+    def screen(
+        self, data: Sequence[Mapping[str, Any]], network: torch.nn.Module | None = None, loader=None
+    ) -> dict[str, Any]:
         """Compute pDC/pHD of every candidate on every volume of ``data`` and set the IQR thresholds over the set.
 
         ``data``: dicts whose ``"image"`` is a path (loaded with ``loader``) or an already loaded
@@ -351,13 +403,27 @@ class QCInferer:
             self.thresholds = saved  # nothing to compute over the set
             return {**saved, "volumes": []}
         load = loader or (lambda p: EnsureChannelFirst()(LoadImage(image_only=True)(p)))
-        names = [str(d.get("input_file", d["image"] if isinstance(d.get("image"), str)
-                            else getattr(d.get("image"), "meta", {}).get("filename_or_obj", ""))) for d in data]
-        earlier = self._earlier_set([n for d, n in zip(data, names) if not (d.get("input_error") or d.get("constant_input"))])
+        names = [
+            str(
+                d.get(
+                    "input_file",
+                    d["image"]
+                    if isinstance(d.get("image"), str)
+                    else getattr(d.get("image"), "meta", {}).get("filename_or_obj", ""),
+                )
+            )
+            for d in data
+        ]
+        earlier = self._earlier_set(
+            [n for d, n in zip(data, names) if not (d.get("input_error") or d.get("constant_input"))]
+        )
         if earlier is not None:
             self.thresholds = earlier["thresholds"]
-            logger.info("QC thresholds of the earlier run over %d volumes reused (%s; overwrite: false)",
-                        len(earlier["volumes"]), self._thresholds_file())
+            logger.info(
+                "QC thresholds of the earlier run over %d volumes reused (%s; overwrite: false)",
+                len(earlier["volumes"]),
+                self._thresholds_file(),
+            )
             return {**self.thresholds, "volumes": earlier["volumes"]}
         rows = []
         for d, name in zip(data, names):
@@ -369,9 +435,14 @@ class QCInferer:
             except Exception as e:  # left out of the set; the evaluator meets it again and reports it
                 logger.warning("QC screening: %s left out of the set (%s: %s)", name, type(e).__name__, e)
                 continue
-            rows.append({"image": name, "phase": phase_of(name),
-                         "pDC": [m["pDC"]["RV"] for m in res["measures"]],
-                         "pHD": [m["pHD"]["RV"] for m in res["measures"]]})
+            rows.append(
+                {
+                    "image": name,
+                    "phase": phase_of(name),
+                    "pDC": [m["pDC"]["RV"] for m in res["measures"]],
+                    "pHD": [m["pHD"]["RV"] for m in res["measures"]],
+                }
+            )
         self.thresholds = self.thresholds_for(rows)
         if self.report_dir and rows:
             write_json(self._thresholds_file(), {"thresholds": self.thresholds, "volumes": rows})
@@ -397,7 +468,9 @@ class QCInferer:
         th = set_thresholds(rows, self.threshold_pooling, self.split_by_phase)
         return {**th, "source": f"IQR over the {len(rows)} screened volumes"}
 
-    def flag(self, pdcs: Sequence[float], phds: Sequence[float], th: Mapping[str, Any], phase: str | None = None) -> bool:
+    def flag(
+        self, pdcs: Sequence[float], phds: Sequence[float], th: Mapping[str, Any], phase: str | None = None
+    ) -> bool:
         """The OoD verdict for one volume's candidates under thresholds ``th`` and ``ood_rule``."""
         return bool(is_ood(pdcs, phds, *thresholds_of(th, phase), rule=self.ood_rule))
 
@@ -424,7 +497,9 @@ class QCInferer:
         else:
             choice, soft, selected = {"rule": "single"}, res["softs"][0], res["names"][0]
         out = invert_volume(soft, res["info"])[None].to(inputs.device)
-        if isinstance(inputs, MetaTensor):  # the input's geometry travels with the prediction (for SaveImaged / MONAI Label)
+        if isinstance(
+            inputs, MetaTensor
+        ):  # the input's geometry travels with the prediction (for SaveImaged / MONAI Label)
             out = MetaTensor(out)
             out.copy_meta_from(inputs, copy_attr=True)
         if res["measures"]:
@@ -462,8 +537,21 @@ class QCInferer:
         return report
 
 
-SUMMARY_KEYS = ("ood", "decision_class", "pDC", "pHD", "pHD_mm", "th_low", "th_up", "threshold_source",
-                "threshold_pooling", "ood_rule", "selection_rule", "selected_model", "candidates")
+SUMMARY_KEYS = (
+    "ood",
+    "decision_class",
+    "pDC",
+    "pHD",
+    "pHD_mm",
+    "th_low",
+    "th_up",
+    "threshold_source",
+    "threshold_pooling",
+    "ood_rule",
+    "selection_rule",
+    "selected_model",
+    "candidates",
+)
 
 
 class QCResultd:
@@ -518,8 +606,19 @@ def calibrate(inferer: QCInferer, network: torch.nn.Module, data: Sequence[Mappi
     inferer.threshold_source, inferer.calibration_file = "set", None
     result = inferer.screen(data, network)
     inferer.threshold_source = saved_source
-    out = {"th_low": result["th_low"], "th_up": result["th_up"], "pooling": result.get("pooling"), "n_volumes": len(data),
-           "volumes": [{k: r[k] for k in ("image", "phase", "pDC", "pHD")} for r in result["volumes"]]}
+    out = {
+        "th_low": result["th_low"],
+        "th_up": result["th_up"],
+        "pooling": result.get("pooling"),
+        "n_volumes": len(data),
+        "volumes": [{k: r[k] for k in ("image", "phase", "pDC", "pHD")} for r in result["volumes"]],
+    }
     write_json(path, _json_safe(out))
-    logger.info("QC calibration on %d validation volumes: th_low %.4f, th_up %.3f -> %s", len(data), out["th_low"], out["th_up"], path)
+    logger.info(
+        "QC calibration on %d validation volumes: th_low %.4f, th_up %.3f -> %s",
+        len(data),
+        out["th_low"],
+        out["th_up"],
+        path,
+    )
     return out

@@ -44,8 +44,9 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.networks.utils import one_hot
 from monai.transforms import EnsureChannelFirst, LoadImage
+
 from shared_transforms.files import write_json
-from shared_transforms.handlers import atomic_torch_save
+from shared_transforms.handlers import atomic_torch_save, checkpoint_fingerprint
 
 from .data import phase_of
 from .handlers import GradientClip
@@ -69,8 +70,9 @@ def alpha_for(k: int, schedule: str = "paper", code_start_epoch: int = 200, code
     raise ValueError(f"alpha_schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: str | Path, lr: float | None = None,
-                         fingerprint: str | None = None) -> dict[str, torch.Tensor] | None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, checkpoint: str | Path, lr: float | None = None, fingerprint: str | None = None
+) -> dict[str, torch.Tensor] | None:
     """Continue ``optimizer`` from the state saved in a resume checkpoint (its ``"optimizer"`` entry):
     SGD's momentum buffers go on where training stopped. ``lr`` then replaces the saved learning
     rate (a finished poly schedule leaves it near 0).
@@ -87,16 +89,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: str | Pat
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved, own = state.get("optimizer"), optimizer.state_dict()
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        if fingerprint is not None and state.get("fingerprint", "") != fingerprint:
-            reason = f"it belongs to another run ({state.get('fingerprint', '')})"
+        if fingerprint is not None and checkpoint_fingerprint(state) != fingerprint:
+            reason = f"it belongs to another run ({checkpoint_fingerprint(state)})"
         elif saved is None or "model" not in state:
             reason = "no optimiser state or model in it"
         elif len(saved["param_groups"]) != len(own["param_groups"]) or not all(
-                set(a) - {"initial_lr"} == set(b) - {"initial_lr"} and len(a["params"]) == len(b["params"])
-                for a, b in zip(saved["param_groups"], own["param_groups"])):  # initial_lr: added by an lr scheduler
+            set(a) - {"initial_lr"} == set(b) - {"initial_lr"} and len(a["params"]) == len(b["params"])
+            for a, b in zip(saved["param_groups"], own["param_groups"])
+        ):  # initial_lr: added by an lr scheduler
             reason = "it holds another optimiser's state"
-        elif any(torch.is_tensor(v) and v.ndim and v.shape != params[int(i)].shape
-                 for i, buf in saved["state"].items() for v in buf.values()):
+        elif any(
+            torch.is_tensor(v) and v.ndim and v.shape != params[int(i)].shape
+            for i, buf in saved["state"].items()
+            for v in buf.values()
+        ):
             reason = "its buffers do not fit this network"
         else:
             optimizer.load_state_dict(saved)
@@ -126,14 +132,32 @@ class QCRefinement:
     (the optimiser continues from ``resume_checkpoint``); ``evaluator`` is train.json's validation
     evaluator with its ``BestCheckpoints`` pointed at the refined models (refine.json)."""
 
-    def __init__(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.nn.Module,
-                 labelled_loader, unlabelled: Sequence[Mapping[str, Any]], inferer, ckpt_dir: str, output_dir: str,
-                 evaluator=None, device: torch.device | str = "cpu", k_semi: int = 5, alpha_schedule: str = "paper",
-                 wgd_class_weights: Sequence[float] = (1.0, 1.0, 1.0, 3.0), batch_size: int = 16,
-                 amp: bool = False, grad_clip: float = 12.0, resume_checkpoint: str | None = None,
-                 learning_rate: float | None = None, code_start_epoch: int = 200, code_epochs: int = 250,
-                 tensorboard_dir: str | None = None, refined_dir: str | None = None,
-                 fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: torch.nn.Module,
+        labelled_loader,
+        unlabelled: Sequence[Mapping[str, Any]],
+        inferer,
+        ckpt_dir: str,
+        output_dir: str,
+        evaluator=None,
+        device: torch.device | str = "cpu",
+        k_semi: int = 5,
+        alpha_schedule: str = "paper",
+        wgd_class_weights: Sequence[float] = (1.0, 1.0, 1.0, 3.0),
+        batch_size: int = 16,
+        amp: bool = False,
+        grad_clip: float = 12.0,
+        resume_checkpoint: str | None = None,
+        learning_rate: float | None = None,
+        code_start_epoch: int = 200,
+        code_epochs: int = 250,
+        tensorboard_dir: str | None = None,
+        refined_dir: str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
         alpha_for(1, alpha_schedule)  # validates the name
         self.network, self.optimizer, self.loss = network, optimizer, loss
         self.labelled_loader, self.unlabelled = labelled_loader, list(unlabelled)
@@ -161,8 +185,15 @@ class QCRefinement:
         vols = []
         for d in self.unlabelled:
             x, _, z_ratio, _ = self.inferer.prepare(EnsureChannelFirst()(load(d["image"])))
-            vols.append({"image": d["image"], "case": d.get("case", Path(d["image"]).name), "x": x,
-                         "z_ratio": z_ratio, "phase": phase_of(d["image"])})
+            vols.append(
+                {
+                    "image": d["image"],
+                    "case": d.get("case", Path(d["image"]).name),
+                    "x": x,
+                    "z_ratio": z_ratio,
+                    "phase": phase_of(d["image"]),
+                }
+            )
         return vols
 
     def _screen(self, vols: list[dict], others: list[torch.nn.Module]) -> dict[str, Any]:
@@ -174,8 +205,14 @@ class QCRefinement:
             if "others" not in v:  # the other candidates do not change: measured once, at the first screening
                 v["others"] = [self.inferer.measures(self.inferer.predict(n, v["x"]), v["z_ratio"]) for n in others]
             ms = [self.inferer.measures(self.inferer.predict(self.network, v["x"]), v["z_ratio"]), *v["others"]]
-            rows.append({"case": v["case"], "phase": v["phase"], "pDC": [m["pDC"]["RV"] for m in ms],
-                         "pHD": [m["pHD"]["RV"] for m in ms]})
+            rows.append(
+                {
+                    "case": v["case"],
+                    "phase": v["phase"],
+                    "pDC": [m["pDC"]["RV"] for m in ms],
+                    "pHD": [m["pHD"]["RV"] for m in ms],
+                }
+            )
         th = self.inferer.thresholds_for(rows)
         for r, v in zip(rows, vols):
             r["ood"] = self.inferer.flag(r["pDC"], r["pHD"], th, r["phase"])
@@ -192,17 +229,25 @@ class QCRefinement:
             if v["case"] not in screen["ood"]:
                 continue
             for i in range(0, v["x"].shape[0], self.batch_size):
-                b = {"image": v["x"][i:i + self.batch_size], "case": v["case"]}
+                b = {"image": v["x"][i : i + self.batch_size], "case": v["case"]}
                 if v["case"] in screen["best"]:
-                    b["best"] = screen["best"][v["case"]][i:i + self.batch_size]
+                    b["best"] = screen["best"][v["case"]][i : i + self.batch_size]
                 batches.append(b)
         return batches
 
     # ------------------------------------------------------------------ engines
     def _trainer(self, data, iteration_update=None, max_epochs: int = 1) -> SupervisedTrainer:
-        trainer = SupervisedTrainer(device=self.device, max_epochs=max_epochs, train_data_loader=data,
-                                    network=self.network, optimizer=self.optimizer, loss_function=self.loss,
-                                    iteration_update=iteration_update, amp=self.amp, decollate=False)
+        trainer = SupervisedTrainer(
+            device=self.device,
+            max_epochs=max_epochs,
+            train_data_loader=data,
+            network=self.network,
+            optimizer=self.optimizer,
+            loss_function=self.loss,
+            iteration_update=iteration_update,
+            amp=self.amp,
+            decollate=False,
+        )
         GradientClip(self.network, self.grad_clip).attach(trainer)
         return trainer
 
@@ -232,7 +277,8 @@ class QCRefinement:
             target = one_hot(mixed.argmax(1, keepdim=True), n_classes)
             rv_only = [0.0] * (n_classes - 1) + [1.0]
             semi = generalized_dice_loss(probs, target, rv_only) + F.binary_cross_entropy(
-                probs[:, -1].clamp(1e-6, 1 - 1e-6), target[:, -1])
+                probs[:, -1].clamp(1e-6, 1 - 1e-6), target[:, -1]
+            )
             sup = torch.zeros(())
             loss = semi
         if engine.amp and engine.scaler is not None:
@@ -260,7 +306,9 @@ class QCRefinement:
         """The refined models kept by validation replace ``models/candidates`` and ``models/model.pt``."""
         cand_dir, index = self.ckpt_dir / "candidates", self.refined_dir / "candidates.json"
         if self.evaluator is None or not index.is_file():  # nothing kept by validation: the last refined model
-            atomic_torch_save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, self.refined_dir / "model.pt")
+            atomic_torch_save(
+                {k: v.detach().cpu() for k, v in self.network.state_dict().items()}, self.refined_dir / "model.pt"
+            )
             write_json(index, {"metric": None, "candidates": [{"file": "model_last.pt"}]})
             shutil.copy2(self.refined_dir / "model.pt", self.refined_dir / "model_last.pt")
         kept = json.loads(index.read_text())
@@ -289,8 +337,12 @@ class QCRefinement:
         others, _ = load_candidates(self.network, cand_dir) if (cand_dir / "candidates.json").is_file() else ([], [])
         others = [n.to(self.device) for n in others[1:]]  # the first (best) candidate is the model being refined
         vols = self._volumes()
-        log: dict[str, Any] = {"k_semi": self.k_semi, "alpha_schedule": self.alpha_schedule, "iterations": [],
-                               "unlabelled": [v["case"] for v in vols]}
+        log: dict[str, Any] = {
+            "k_semi": self.k_semi,
+            "alpha_schedule": self.alpha_schedule,
+            "iterations": [],
+            "unlabelled": [v["case"] for v in vols],
+        }
         start = time.perf_counter()
         screen = self._screen(vols, others)
         log["initial"] = {"thresholds": screen["thresholds"], "ood": screen["ood"], "measures": screen["volumes"]}
@@ -299,8 +351,11 @@ class QCRefinement:
         if updated:
             self._backup_supervised()
             shutil.rmtree(self.refined_dir, ignore_errors=True)  # an interrupted run's leftovers
-            resumed = (load_optimizer_state(self.optimizer, self.resume_checkpoint, self.learning_rate, self.fingerprint)
-                       if self.resume_checkpoint else None)
+            resumed = (
+                load_optimizer_state(self.optimizer, self.resume_checkpoint, self.learning_rate, self.fingerprint)
+                if self.resume_checkpoint
+                else None
+            )
             log["optimizer_state_loaded"] = resumed is not None
             if resumed is not None:  # weights of the same epoch as the optimiser's momentum
                 self.network.load_state_dict(resumed)
@@ -308,7 +363,9 @@ class QCRefinement:
             self._labelled = _reshuffled(self.labelled_loader)
             supervised = self._trainer(self.labelled_loader)
             sup_losses: list[float] = []
-            supervised.add_event_handler(Events.ITERATION_COMPLETED, lambda e: sup_losses.append(float(e.state.output["loss"])))
+            supervised.add_event_handler(
+                Events.ITERATION_COMPLETED, lambda e: sup_losses.append(float(e.state.output["loss"]))
+            )
             for k in range(1, self.k_semi + 1):
                 self._k = k
                 supervised.state.max_epochs = k  # one more epoch of the same engine
@@ -317,13 +374,17 @@ class QCRefinement:
                 it: dict[str, Any] = {"k": k, "supervised_loss": float(np.mean(sup_losses))}
                 screen = self._screen(vols, others)
                 it.update(thresholds=screen["thresholds"], ood=screen["ood"], measures=screen["volumes"])
-                logger.info("refinement k=%d: %d/%d volumes OoD after the supervised epoch", k, len(screen["ood"]), len(vols))
+                logger.info(
+                    "refinement k=%d: %d/%d volumes OoD after the supervised epoch", k, len(screen["ood"]), len(vols)
+                )
                 if screen["ood"]:
                     steps: list[dict] = []
                     semi = self._trainer(self._ood_batches(vols, screen), iteration_update=self._semi_iteration)
                     semi.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(dict(e.state.output)))
                     semi.run()
-                    it.update(alpha=self.alpha(k), semi_steps=steps, mean_semi_loss=float(np.mean([s["loss"] for s in steps])))
+                    it.update(
+                        alpha=self.alpha(k), semi_steps=steps, mean_semi_loss=float(np.mean([s["loss"] for s in steps]))
+                    )
                 it["val_loss"] = self._validate(k)
                 log["iterations"].append(it)
                 self._tensorboard(it)

@@ -22,13 +22,23 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
+
 from shared_transforms import SelectSlices
 from shared_transforms.datalist import BAD_CASES_FILE, scan_cases, split_cases, write_json
 from shared_transforms.datalist_file import read_datalist_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["natural_key", "find_lits_cases", "find_mri_cases", "prepare_ct_datalist", "prepare_mri_datalist", "sample_slice_indices", "SampleLiverSlicesd", "LabelsToChannelsd"]
+__all__ = [
+    "natural_key",
+    "find_lits_cases",
+    "find_mri_cases",
+    "prepare_ct_datalist",
+    "prepare_mri_datalist",
+    "sample_slice_indices",
+    "SampleLiverSlicesd",
+    "LabelsToChannelsd",
+]
 
 _VOLUME = re.compile(r"^volume-(?P<n>\d+)\.nii(\.gz)?$")
 _SEGMENTATION = re.compile(r"^segmentation-(?P<n>\d+)\.nii(\.gz)?$")
@@ -69,7 +79,7 @@ def natural_key(name: str) -> list:
 
 
 def find_mri_cases(mri_root: str) -> list[dict]:
-    """One case per sub-folder of ``mri_root`` holding ``artery.nii[.gz]`` (and ``label.nii[.gz]``), in natural order."""
+    """One case per sub-folder of ``mri_root`` with ``artery.nii[.gz]`` (and ``label.nii[.gz]``), in natural order."""
     root = Path(mri_root)
     if not root.is_dir():
         raise FileNotFoundError(f"MRI dataset folder not found: {root}")
@@ -89,8 +99,13 @@ def _report(output_dir: str | None, name: str, datalist: dict) -> None:
         write_json(Path(output_dir) / BAD_CASES_FILE, datalist["bad_cases"])
 
 
-def prepare_ct_datalist(dataset_dir: str, val_fraction: float = 0.1, seed: int = 0, output_dir: str | None = None,
-                        datalist_file: str | None = None) -> dict:
+def prepare_ct_datalist(
+    dataset_dir: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    output_dir: str | None = None,
+    datalist_file: str | None = None,
+) -> dict:
     """LiTS cases, cleaned (unreadable, mismatched or unlabelled volumes dropped and reported), split per volume.
 
     With ``datalist_file`` (a MONAI/Decathlon datalist JSON of CT volumes) its lists are used instead.
@@ -105,7 +120,12 @@ def prepare_ct_datalist(dataset_dir: str, val_fraction: float = 0.1, seed: int =
         datalist = {"training": split["folds"][0], "validation": split["test"], "bad_cases": bad}
     datalist["validation"] = datalist["validation"] or datalist["training"][-1:]
     _report(output_dir, "datalist_ct.json", datalist)
-    logger.info("CT datalist: %d training, %d validation volumes; %d dropped", len(datalist["training"]), len(datalist["validation"]), len(bad))
+    logger.info(
+        "CT datalist: %d training, %d validation volumes; %d dropped",
+        len(datalist["training"]),
+        len(datalist["validation"]),
+        len(bad),
+    )
     return datalist
 
 
@@ -128,11 +148,15 @@ def prepare_mri_datalist(
     if datalist_file:
         datalist = read_datalist_file(datalist_file, scan_cases, val_fraction=0.0)
         if n_val == 0 and datalist["validation"]:
-            logger.warning("n_val is 0: the %d validation cases of %s are not used", len(datalist["validation"]), datalist_file)
+            logger.warning(
+                "n_val is 0: the %d validation cases of %s are not used", len(datalist["validation"]), datalist_file
+            )
             datalist["validation"] = []
         elif n_val > 0 and not datalist["validation"]:
             if len(datalist["training"]) <= n_val:
-                raise ValueError(f"{datalist_file}: {len(datalist['training'])} training cases, need more than n_val = {n_val}")
+                raise ValueError(
+                    f"{datalist_file}: {len(datalist['training'])} training cases, need more than n_val = {n_val}"
+                )
             datalist["training"], datalist["validation"] = datalist["training"][:-n_val], datalist["training"][-n_val:]
         _report(output_dir, "datalist_mri.json", datalist)
         return datalist
@@ -148,7 +172,10 @@ def prepare_mri_datalist(
     _report(output_dir, "datalist_mri.json", datalist)
     logger.info(
         "MRI datalist: %d training, %d validation, %d test cases; %d dropped",
-        len(datalist["training"]), len(datalist["validation"]), len(datalist["test"]), len(bad),
+        len(datalist["training"]),
+        len(datalist["validation"]),
+        len(datalist["test"]),
+        len(bad),
     )
     return datalist
 
@@ -184,7 +211,9 @@ class SampleLiverSlicesd(MapTransform):
     spatial axis with :meth:`shared_transforms.SelectSlices.extract` (meta keeps ``slice_index``).
     """
 
-    def __init__(self, keys: KeysCollection, label_key: str = "label", n_liver: int = 30, n_background: int = 20) -> None:
+    def __init__(
+        self, keys: KeysCollection, label_key: str = "label", n_liver: int = 30, n_background: int = 20
+    ) -> None:
         super().__init__(keys)
         self.label_key = label_key
         self.n_liver, self.n_background = n_liver, n_background

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from shared_transforms.utils import unwrap_model
 from torch import nn
+
+from shared_transforms.utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,11 @@ class ResidualUNet(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 1, out_channels: int = 1, channels: Sequence[int] = (32, 64, 128, 256), dropout: float = 0.5
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        dropout: float = 0.5,
     ) -> None:
         super().__init__()
         channels = [int(c) for c in channels]
@@ -158,7 +163,9 @@ def load_ct_weights(network: nn.Module, path: str, keep_channels: Sequence[int] 
     return network
 
 
-def configure_transfer(network: nn.Module, transfer: str, source_ckpt: str | None = None, freeze_levels: int = 2) -> nn.Module:
+def configure_transfer(
+    network: nn.Module, transfer: str, source_ckpt: str | None = None, freeze_levels: int = 2
+) -> nn.Module:
     """Initialise ``network`` as model A (``scratch``), B (``finetune``) or C (``finetune_freeze``)."""
     if transfer == "scratch":
         return xavier_init(network)

@@ -1,1 +1,4 @@
-"""Bundle-local code of polyp_kdas_student: Polyp-PVT networks, KDAS losses, the multi-scale KD step, PraNet data layout, polyp metrics."""
+"""Bundle-local code of polyp_kdas_student.
+
+Polyp-PVT networks, KDAS losses, the multi-scale KD step, the PraNet data layout, polyp metrics.
+"""

@@ -19,10 +19,21 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+
 from shared_transforms.datalist_file import read_datalist_file
 from shared_transforms.files import BAD_CASES_FILE, write_json
 
-__all__ = ["IMAGE_SUFFIXES", "MASK_SUFFIXES", "check_pair", "scan_items", "scan_pairs", "polyp_datalist", "EnsureRGBd", "BinarizeMaskd", "list_rgb_images"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MASK_SUFFIXES",
+    "check_pair",
+    "scan_items",
+    "scan_pairs",
+    "polyp_datalist",
+    "EnsureRGBd",
+    "BinarizeMaskd",
+    "list_rgb_images",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +76,7 @@ def check_pair(image: str | Path, mask: str | Path | None) -> tuple[str, str] | 
 
 
 def scan_items(items: list[dict]) -> tuple[list[dict], list[dict]]:
-    """``(good, bad)`` of ``{"image", "label", "case", ...}`` items (a user's datalist), checked by :func:`check_pair`."""
+    """``(good, bad)`` of a user's datalist items (``{"image", "label", "case", ...}``), by :func:`check_pair`."""
     good, bad = [], []
     for item in items:
         problem = check_pair(item["image"], item.get("label"))
@@ -99,7 +110,7 @@ def scan_pairs(folder: str | Path, set_name: str = "train") -> tuple[list[dict],
 
 
 def _subset(items: list[dict], fraction: float, seed: int) -> list[dict]:
-    """``fraction`` of ``items`` (at least one), chosen by ``seed``; a smaller fraction gives a subset of a larger one."""
+    """``fraction`` of ``items`` (at least one), chosen by ``seed``; a smaller fraction is a subset of a larger one."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
     order = [int(i) for i in np.random.default_rng(seed).permutation(len(items))]
@@ -107,8 +118,14 @@ def _subset(items: list[dict], fraction: float, seed: int) -> list[dict]:
     return [c for i, c in enumerate(items) if i in kept]
 
 
-def polyp_datalist(dataset_dir: str, output_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
-                   train_fraction: float = 1.0, datalist_file: str | None = None) -> dict:
+def polyp_datalist(
+    dataset_dir: str,
+    output_dir: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    train_fraction: float = 1.0,
+    datalist_file: str | None = None,
+) -> dict:
     """Training / validation lists from ``TrainDataset`` and one test list per ``TestDataset/<set>``.
 
     ``val_fraction`` of the training pairs (at least one) is held out for model selection,
@@ -124,7 +141,11 @@ def polyp_datalist(dataset_dir: str, output_dir: str | None = None, val_fraction
     """
     if datalist_file:
         lists = read_datalist_file(datalist_file, scan_items, val_fraction=val_fraction, seed=seed)
-        training, validation, bad = _subset(lists["training"], train_fraction, seed), lists["validation"], lists["bad_cases"]
+        training, validation, bad = (
+            _subset(lists["training"], train_fraction, seed),
+            lists["validation"],
+            lists["bad_cases"],
+        )
         test = [{"set": "test", **c} for c in lists["test"]]
         test_sets = list(dict.fromkeys(c["set"] for c in test))
     else:
@@ -133,8 +154,14 @@ def polyp_datalist(dataset_dir: str, output_dir: str | None = None, val_fraction
     if output_dir:
         write_json(Path(output_dir) / "datalist.json", result)
         write_json(Path(output_dir) / BAD_CASES_FILE, bad)
-    logger.info("%d training, %d validation, %d test pairs (%s); %d skipped",
-                len(training), len(validation), len(test), ", ".join(test_sets) or "no test set", len(bad))
+    logger.info(
+        "%d training, %d validation, %d test pairs (%s); %d skipped",
+        len(training),
+        len(validation),
+        len(test),
+        ", ".join(test_sets) or "no test set",
+        len(bad),
+    )
     return result
 
 
@@ -149,7 +176,7 @@ def _scan_layout(root: Path, val_fraction: float, seed: int, train_fraction: flo
     if not 0.0 < train_fraction <= 1.0:
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
     rest = [int(i) for i in order[n_val:]]  # in the seeded order: a subset is a prefix
-    kept = set(rest[:max(1, int(round(len(rest) * train_fraction)))] if rest else [])
+    kept = set(rest[: max(1, int(round(len(rest) * train_fraction)))] if rest else [])
     training = [c for i, c in enumerate(train) if i in kept]
     validation = [c for i, c in enumerate(train) if i in val_idx]
     test, test_sets = [], []

@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from shared_transforms.files import write_json
+from shared_transforms.handlers import save_overlay, write_case_reports
+from shared_transforms.utils import gather_in_order, is_main_process
 
 __all__ = ["THRESHOLDS", "threshold_dice_iou", "dice_iou_at", "PolypReport", "PAPER_TABLE1"]
 
@@ -36,7 +39,9 @@ PAPER_TABLE1 = {
 }
 
 
-def threshold_dice_iou(prob: np.ndarray, gt: np.ndarray, thresholds: np.ndarray = THRESHOLDS) -> tuple[np.ndarray, np.ndarray]:
+def threshold_dice_iou(
+    prob: np.ndarray, gt: np.ndarray, thresholds: np.ndarray = THRESHOLDS
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-threshold Dice and IoU of one image (arrays of ``len(thresholds)``), 0 where TP = 0.
 
     Counts come from the sorted probabilities, so the 256 thresholds cost one sort.
@@ -71,12 +76,14 @@ class PolypReport:
     ``minmax=False, quantise_uint8=False`` evaluates the raw sigmoid; every table says which
     it used. The plain Dice / IoU at 0.5 are always computed on the raw sigmoid (the mask
     ``inference.json`` writes). Writes ``per_image.csv``, ``metrics.csv``, ``metrics.md``
-    (with the paper's Table 1 beside), ``metrics.json`` and ``overlays/<set>_<case>.png``
-    (``num_overlays`` per set) into ``output_dir``.
+    (with the paper's Table 1 beside), ``metrics.json``, MONAI ``MetricsSaver``'s per-image
+    ``<metric>_raw.csv`` and ``<metric>_summary.csv`` (mdice, miou, dice_at_0.5, iou_at_0.5) and
+    ``overlays/<set>_<case>.png`` (``num_overlays`` per set) into ``output_dir``.
     """
 
-    def __init__(self, output_dir: str, num_overlays: int = 2, minmax: bool = True, quantise_uint8: bool = True,
-                 title: str = "") -> None:
+    def __init__(
+        self, output_dir: str, num_overlays: int = 2, minmax: bool = True, quantise_uint8: bool = True, title: str = ""
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.num_overlays = num_overlays
         self.minmax, self.quantise_uint8 = bool(minmax), bool(quantise_uint8)
@@ -84,6 +91,8 @@ class PolypReport:
         self.rows: list[dict] = []
         self.curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
         self._overlays: dict[str, int] = defaultdict(int)
+        # row index -> (image file, gt, pred, name, Dice@0.5): this process's first num_overlays images per set
+        self._overlay_items: dict[int, tuple] = {}
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -96,6 +105,7 @@ class PolypReport:
         self.rows.clear()
         self.curves.clear()
         self._overlays.clear()
+        self._overlay_items.clear()
 
     @staticmethod
     def raw_probability(logits: torch.Tensor, size) -> torch.Tensor:
@@ -120,8 +130,16 @@ class PolypReport:
     @property
     def evaluation(self) -> str:
         """Which probability maps the metrics were computed on, in words (goes into every table)."""
-        steps = ["sigmoid"] + (["min-max normalised"] if self.minmax else []) + (["uint8-quantised"] if self.quantise_uint8 else [])
-        paper = " (as Polyp-PVT Test.py, paper-comparable)" if self.minmax and self.quantise_uint8 else " (not the published pipeline)"
+        steps = (
+            ["sigmoid"]
+            + (["min-max normalised"] if self.minmax else [])
+            + (["uint8-quantised"] if self.quantise_uint8 else [])
+        )
+        paper = (
+            " (as Polyp-PVT Test.py, paper-comparable)"
+            if self.minmax and self.quantise_uint8
+            else " (not the published pipeline)"
+        )
         return ", ".join(steps) + paper
 
     def update(self, engine) -> None:
@@ -136,40 +154,42 @@ class PolypReport:
             dice, iou = threshold_dice_iou(prob, gt)
             d05, i05 = dice_iou_at(raw, gt, 0.5)  # plain Dice: the raw sigmoid at 0.5, as inference.json
             self.curves[set_name].append((dice, iou))
-            self.rows.append({"set": set_name, "case": case, "mdice": float(dice.mean()), "miou": float(iou.mean()),
-                              "dice@0.5": d05, "iou@0.5": i05})
-            if self._overlays[set_name] < self.num_overlays:
+            self.rows.append(
+                {
+                    "set": set_name,
+                    "case": case,
+                    "mdice": float(dice.mean()),
+                    "miou": float(iou.mean()),
+                    "dice@0.5": d05,
+                    "iou@0.5": i05,
+                }
+            )
+            if self._overlays[set_name] < self.num_overlays:  # drawn at the end, by rank 0 (see gather)
                 self._overlays[set_name] += 1
                 image = data.get("image")
                 path = getattr(image, "meta", {}).get("filename_or_obj") if image is not None else None
-                self._overlay(path, gt, raw >= 0.5, f"{set_name}_{case}", d05)
+                self._overlay_items[len(self.rows) - 1] = (path, gt, raw >= 0.5, f"{set_name}_{case}", d05)
 
     def _overlay(self, image_path, gt: np.ndarray, pred: np.ndarray, name: str, dice: float) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        # arrays are (W, H) as MONAI's PIL reader returns them; show them (H, W)
+        # arrays are (W, H) as MONAI's PIL reader returns them; the frame is read (H, W, 3) from its file
         rgb = None
         if image_path:
             from PIL import Image
 
             with Image.open(image_path) as im:
                 rgb = np.asarray(im.convert("RGB"))
+        image = rgb if rgb is not None and rgb.shape[:2] == gt.T.shape else gt.T.astype(float)
         out = self.output_dir / "overlays"
         out.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.imshow(rgb if rgb is not None and rgb.shape[:2] == gt.T.shape else gt.T, cmap=None if rgb is not None else "gray")
-        if gt.any():
-            ax.contour(gt.T.astype(float), levels=[0.5], colors="lime", linewidths=1.2)
-        if pred.any():
-            ax.contour(pred.T.astype(float), levels=[0.5], colors="red", linewidths=1.2)
-        ax.set_title(f"{name}  Dice@0.5 {100 * dice:.1f}%  (green gt, red pred)", fontsize=7)
-        ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(out / f"{name.replace('/', '_')}.png", dpi=100)
-        plt.close(fig)
+        save_overlay(
+            image,
+            gt.T,
+            pred.T,
+            out / f"{name.replace('/', '_')}.png",
+            f"{name}  Dice@0.5 {100 * dice:.1f}%",
+            transpose=False,
+            origin="upper",
+        )
 
     def summary(self) -> dict:
         sets = []
@@ -178,12 +198,19 @@ class PolypReport:
             iou = np.mean([c[1] for c in curves], axis=0)
             rows = [r for r in self.rows if r["set"] == name]
             paper = PAPER_TABLE1.get(name, (math.nan, math.nan))
-            sets.append({
-                "set": name, "images": len(rows), "mDice": float(dice.mean()), "mIoU": float(iou.mean()),
-                "Dice@0.5": float(np.mean([r["dice@0.5"] for r in rows])),
-                "IoU@0.5": float(np.mean([r["iou@0.5"] for r in rows])),
-                "paper_mDice": paper[0], "paper_mIoU": paper[1], "evaluation": self.evaluation,
-            })
+            sets.append(
+                {
+                    "set": name,
+                    "images": len(rows),
+                    "mDice": float(dice.mean()),
+                    "mIoU": float(iou.mean()),
+                    "Dice@0.5": float(np.mean([r["dice@0.5"] for r in rows])),
+                    "IoU@0.5": float(np.mean([r["iou@0.5"] for r in rows])),
+                    "paper_mDice": paper[0],
+                    "paper_mIoU": paper[1],
+                    "evaluation": self.evaluation,
+                }
+            )
         all_mdice = [r["mdice"] for r in self.rows]
         return {
             "evaluation": self.evaluation,
@@ -195,10 +222,33 @@ class PolypReport:
             "mean_dice": 100 * float(np.mean(all_mdice)) if all_mdice else math.nan,
         }
 
+    def gather(self) -> None:
+        """Under DDP: every rank's images and overlay candidates, in the test sets' order."""
+        seen: dict[str, int] = defaultdict(int)
+        records = []
+        for i, row in enumerate(self.rows):  # the k-th row of a set has the set's k-th curve
+            records.append((row, self.curves[row["set"]][seen[row["set"]]], self._overlay_items.get(i)))
+            seen[row["set"]] += 1
+        records = gather_in_order(records)
+        self.rows, self.curves, self._overlay_items = [r for r, _, _ in records], defaultdict(list), {}
+        drawn: dict[str, int] = defaultdict(int)
+        for i, (row, curve, overlay) in enumerate(records):
+            self.curves[row["set"]].append(curve)
+            # every rank drew its first images of each set: the first num_overlays of the whole set are among them
+            if overlay is not None and drawn[row["set"]] < self.num_overlays:
+                drawn[row["set"]] += 1
+                self._overlay_items[i] = overlay
+
     def write(self, engine=None) -> dict:
+        """Write the tables on the main process (under DDP after :meth:`gather`)."""
+        self.gather()
         result = self.summary()
+        if not is_main_process():
+            return result
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
+        for path, gt, pred, name, dice in self._overlay_items.values():
+            self._overlay(path, gt, pred, name, dice)
         with open(out / "per_image.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["set", "case", "mdice", "miou", "dice@0.5", "iou@0.5"])
             writer.writeheader()
@@ -207,25 +257,50 @@ class PolypReport:
         with open(out / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
-            writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in s.items()} for s in result["sets"])
+            writer.writerows(
+                {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in s.items()} for s in result["sets"]
+            )
 
         def fmt(v):
             return "–" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}"
 
-        lines = [f"# {self.title}" if self.title else "# Polyp test sets",
-                 "",
-                 "mDice/mIoU: threshold-averaged (256 thresholds, METHODS §2); Dice/IoU@0.5: plain, at 0.5. "
-                 "Paper: KDAS student, Table 1 (CVC-300 not reported).",
-                 "",
-                 f"Probability maps: {self.evaluation}.",
-                 "",
-                 "| test set | images | mDice | mIoU | Dice@0.5 | IoU@0.5 | paper mDice | paper mIoU |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {s['set']} | {s['images']} | {fmt(s['mDice'])} | {fmt(s['mIoU'])} | {fmt(s['Dice@0.5'])} | "
-                  f"{fmt(s['IoU@0.5'])} | {fmt(s['paper_mDice'])} | {fmt(s['paper_mIoU'])} |" for s in result["sets"]]
+        lines = [
+            f"# {self.title}" if self.title else "# Polyp test sets",
+            "",
+            "mDice/mIoU: threshold-averaged (256 thresholds, METHODS §2); Dice/IoU@0.5: plain, at 0.5. "
+            "Paper: KDAS student, Table 1 (CVC-300 not reported).",
+            "",
+            f"Probability maps: {self.evaluation}.",
+            "",
+            "| test set | images | mDice | mIoU | Dice@0.5 | IoU@0.5 | paper mDice | paper mIoU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {s['set']} | {s['images']} | {fmt(s['mDice'])} | {fmt(s['mIoU'])} | {fmt(s['Dice@0.5'])} | "
+            f"{fmt(s['IoU@0.5'])} | {fmt(s['paper_mDice'])} | {fmt(s['paper_mIoU'])} |"
+            for s in result["sets"]
+        ]
         (out / "metrics.md").write_text("\n".join(lines) + "\n")
         write_json(out / "metrics.json", json.loads(json.dumps(result, default=float).replace("NaN", "null")))
+        write_case_reports(
+            out,
+            [f"{r['set']}/{r['case']}" for r in self.rows],
+            {
+                "mdice": [[r["mdice"]] for r in self.rows],
+                "miou": [[r["miou"]] for r in self.rows],
+                "dice_at_0.5": [[r["dice@0.5"]] for r in self.rows],
+                "iou_at_0.5": [[r["iou@0.5"]] for r in self.rows],
+            },
+            ["polyp"],
+        )
         for s in result["sets"]:
-            logger.info("%s: %d images, mDice %.4f, mIoU %.4f, Dice@0.5 %.4f (paper mDice %s)", s["set"], s["images"],
-                        s["mDice"], s["mIoU"], s["Dice@0.5"], fmt(s["paper_mDice"]))
+            logger.info(
+                "%s: %d images, mDice %.4f, mIoU %.4f, Dice@0.5 %.4f (paper mDice %s)",
+                s["set"],
+                s["images"],
+                s["mDice"],
+                s["mIoU"],
+                s["Dice@0.5"],
+                fmt(s["paper_mDice"]),
+            )
         return result

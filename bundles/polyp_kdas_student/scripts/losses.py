@@ -35,8 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["structure_loss", "attention_map", "symmetric_structure", "kl_with_temperature", "KDASLoss", "KD_VARIANTS",
-           "SGM_NORMS"]
+__all__ = [
+    "structure_loss",
+    "attention_map",
+    "symmetric_structure",
+    "kl_with_temperature",
+    "KDASLoss",
+    "KD_VARIANTS",
+    "SGM_NORMS",
+]
 
 KD_VARIANTS = ("none", "kl", "attention", "attention_sgm")
 SGM_NORMS = ("width", "centred", "none")
@@ -103,8 +110,9 @@ class KDASLoss(nn.Module):
     ``seg`` (Σ_k L_seg), the KD terms (``kl`` | ``at``, ``sgm``) and ``total``.
     """
 
-    def __init__(self, kd: str = "attention_sgm", temperature: float = 2.0, kd_weight: float = 0.2,
-                 sgm_norm: str = "width") -> None:
+    def __init__(
+        self, kd: str = "attention_sgm", temperature: float = 2.0, kd_weight: float = 0.2, sgm_norm: str = "width"
+    ) -> None:
         super().__init__()
         if kd not in KD_VARIANTS:
             raise ValueError(f"kd must be one of {KD_VARIANTS}, got {kd!r}")
@@ -128,11 +136,14 @@ class KDASLoss(nn.Module):
         att_t = [attention_map(tt.detach()) for tt in teacher]
         terms = {"at": sum(kl_with_temperature(a_s, a_t, t) for a_s, a_t in zip(att_s, att_t))}
         if self.kd == "attention_sgm":
-            terms["sgm"] = kl_with_temperature(symmetric_structure(att_s[-1], self.sgm_norm),
-                                               symmetric_structure(att_t[-1], self.sgm_norm), t)
+            terms["sgm"] = kl_with_temperature(
+                symmetric_structure(att_s[-1], self.sgm_norm), symmetric_structure(att_t[-1], self.sgm_norm), t
+            )
         return terms
 
-    def forward(self, student: Sequence[torch.Tensor], label: torch.Tensor, teacher: Sequence[torch.Tensor] | None = None):
+    def forward(
+        self, student: Sequence[torch.Tensor], label: torch.Tensor, teacher: Sequence[torch.Tensor] | None = None
+    ):
         student = (student,) if isinstance(student, torch.Tensor) else tuple(student)
         if teacher is not None:
             teacher = (teacher,) if isinstance(teacher, torch.Tensor) else tuple(teacher)

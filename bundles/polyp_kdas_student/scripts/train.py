@@ -32,8 +32,11 @@ def loss_terms(output) -> dict:
     """``output_transform`` for Stats/TensorBoard handlers: ``train_loss`` and ``train_loss_<term>`` of
     the iteration's (decollated) output."""
     first = output[0] if isinstance(output, (list, tuple)) else output
-    return {("train_loss" if k == Keys.LOSS else f"train_{k}"): first[k]
-            for k in sorted(first) if k == Keys.LOSS or k.startswith("loss_")}
+    return {
+        ("train_loss" if k == Keys.LOSS else f"train_{k}"): first[k]
+        for k in sorted(first)
+        if k == Keys.LOSS or k.startswith("loss_")
+    }
 
 
 def scale_sizes(image_size: int, rates, size_multiple: int = 32) -> list[int]:
@@ -59,9 +62,16 @@ class MultiScaleKDStep:
     The output's ``pred`` is ``P1 + P2`` of the rate-1 step (for the training metric).
     """
 
-    def __init__(self, teacher: nn.Module | None = None, teacher_ckpt: str | None = None, image_size: int = 352,
-                 rates=(0.75, 1.0, 1.25), size_multiple: int = 32, clip_value: float | None = 0.5,
-                 backbone_pretrained: bool = True) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module | None = None,
+        teacher_ckpt: str | None = None,
+        image_size: int = 352,
+        rates=(0.75, 1.0, 1.25),
+        size_multiple: int = 32,
+        clip_value: float | None = 0.5,
+        backbone_pretrained: bool = True,
+    ) -> None:
         self.teacher = teacher
         self._warn_random_init = not backbone_pretrained
         self.teacher_ckpt = teacher_ckpt
@@ -97,7 +107,9 @@ class MultiScaleKDStep:
             raise ValueError(f"kd={loss_fn.kd!r} needs a teacher (teacher_def and teacher_ckpt)")
         if self.teacher is not None:
             self.load_teacher(engine.state.device)
-        images, labels = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+        images, labels = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[
+            :2
+        ]
         images, labels = torch.as_tensor(images), torch.as_tensor(labels)
         engine.network.train()
         if self.teacher is not None:
@@ -138,8 +150,9 @@ class MultiScaleKDStep:
                     terms.setdefault(f"loss_{name}", []).append(value)
             if size == self.base or Keys.PRED not in output:
                 pred = student[0] + student[1] if isinstance(student, (tuple, list)) else student
-                output[Keys.PRED] = F.interpolate(pred.detach().float(), size=images.shape[-2:], mode="bilinear",
-                                                  align_corners=False)
+                output[Keys.PRED] = F.interpolate(
+                    pred.detach().float(), size=images.shape[-2:], mode="bilinear", align_corners=False
+                )
         output[Keys.LOSS] = torch.stack(losses).mean()
         output.update({name: torch.stack(values).mean() for name, values in terms.items()})
         engine.state.output = output

@@ -16,7 +16,14 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared_transforms.datalist import BAD_CASES_FILE, PROSTATE_SITES, fold_datalist, scan_cases, split_cases, write_json
+from shared_transforms.datalist import (
+    BAD_CASES_FILE,
+    PROSTATE_SITES,
+    fold_datalist,
+    scan_cases,
+    split_cases,
+    write_json,
+)
 from shared_transforms.datalist_file import read_datalist_file
 
 logger = logging.getLogger(__name__)
@@ -97,8 +104,12 @@ def prepare_datalist(
         good, bad = scan_cases(cases, known_bad=rejected)
         split = split_cases(good, test_fraction=test_fraction, n_folds=n_folds, seed=seed, group_key="site")
         datalist = {**fold_datalist(split, fold), "bad_cases": bad}
-        meta = {"dataset_dir": str(dataset_dir), "sites": list(sites) if not isinstance(sites, str) else [sites],
-                "fold": fold, "seed": seed}
+        meta = {
+            "dataset_dir": str(dataset_dir),
+            "sites": list(sites) if not isinstance(sites, str) else [sites],
+            "fold": fold,
+            "seed": seed,
+        }
     logger.info(
         "datalist: %d training, %d validation, %d test cases; %d dropped",
         len(datalist["training"]),

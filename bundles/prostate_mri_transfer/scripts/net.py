@@ -13,8 +13,9 @@ from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
-from shared_transforms.utils import unwrap_model
 from torch import nn
+
+from shared_transforms.utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ class ProstateSegNet(nn.Module):
             mismatched = sorted(k for k in own if k in state and own[k].shape != state[k].shape)
             if missing or unexpected or mismatched:
                 raise ValueError(
-                    f"{pretrained_path} is not a complete '{encoder_name}' encoder: {len(missing)} of {len(own)} encoder "
-                    f"tensors missing (e.g. {missing[:3]}), {len(mismatched)} with another shape (e.g. {mismatched[:3]}), "
+                    f"{pretrained_path} is not a complete '{encoder_name}' encoder: {len(missing)} of {len(own)} "
+                    f"encoder tensors missing (e.g. {missing[:3]}), {len(mismatched)} with another shape "
+                    f"(e.g. {mismatched[:3]}), "
                     f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})."
                 )
             self.model.encoder.load_state_dict({k: state[k] for k in own})
