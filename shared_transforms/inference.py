@@ -111,14 +111,21 @@ class InferenceReport:
     def screen(self, datalist: Sequence[Mapping[str, Any]]) -> list[dict]:
         """The inputs of ``datalist`` to run the network on: those that pass the check and have no mask yet.
 
-        Stale ``.partial-*`` files of an interrupted earlier run are removed first.
+        Stale ``.partial-*`` files of an interrupted earlier run are removed first. An input whose mask
+        would land on another input's (same file name in another folder, e.g. ``case_1/artery.nii.gz``
+        and ``case_2/artery.nii.gz`` in one datalist) is skipped, naming the first: its mask would
+        overwrite that one's.
         """
         for stale in remove_stale_partials(self.output_dir):
             logger.info("removed %s (left by an interrupted run)", stale)
-        todo = []
+        todo, claimed = [], {}
         for item in datalist:
             file = str(item[self.key])
             out = self.output_path(file)
+            if claimed.setdefault(out, file) != file:
+                self.skip(file, f"its mask {out} is also {claimed[out]}'s: give the inputs distinct file names, "
+                                "or run them into separate output_dir")
+                continue
             if not self.overwrite and out.is_file():
                 self._entry(file).update(status="kept", output=str(out), reason="mask exists (overwrite: false)")
                 continue

@@ -183,6 +183,19 @@ def test_reporting_dataset_and_report_never_lose_the_run(corpora, tmp_path):
         strict[0]
 
 
+def test_inputs_with_the_same_mask_name_are_never_overwritten(tmp_path):
+    """Two inputs named alike in different folders (the liver MRI layout's case_*/artery.nii.gz) would write
+    one mask file: the first is processed, the second skipped naming the first (found by scripts/gpu_check.py)."""
+    files = [tmp_path / f"case_{i}" / "artery.nii.gz" for i in (1, 2)] + [tmp_path / "case_3" / "other.nii.gz"]
+    report = InferenceReport(str(tmp_path / "out"))
+    todo = report.screen([{"image": str(f)} for f in files])
+    assert [d["image"] for d in todo] == [str(files[0]), str(files[2])]
+    entry = report.entries[str(files[1])]
+    assert entry["status"] == "skipped" and str(files[0]) in entry["reason"] and "artery_seg.nii.gz" in entry["reason"]
+    with pytest.raises(InputError, match="case_1"):
+        InferenceReport(str(tmp_path / "strict"), strict=True).screen([{"image": str(f)} for f in files])
+
+
 def test_atomic_writer_leaves_no_partial_mask(tmp_path, monkeypatch):
     def writer() -> AtomicNibabelWriter:  # a MONAI writer holds one image
         w = AtomicNibabelWriter()

@@ -124,7 +124,7 @@ class MultiScaleKDStep:
             else:
                 x, y = images, labels
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-            with torch.autocast("cuda", enabled=use_amp):
+            with torch.autocast(images.device.type, enabled=use_amp, **engine.amp_kwargs):
                 student = engine.network(x)
                 teacher = None
                 if self.teacher is not None and loss_fn.needs_teacher:
