@@ -76,15 +76,18 @@ def bundle_inference_ratio(student: torch.nn.Module, n_images: int, frame_size: 
         for i in range(n_images):
             frame = (rng.random((frame_size[1], frame_size[0], 3)) * 255).astype(np.uint8)
             Image.fromarray(frame).save(images / f"frame_{i:03d}.png")
-        times = []
-        for _ in range(repeat + 1):  # first run: warm-up
+        times, written = [], []
+        for run in range(repeat + 1):  # first run: warm-up; a new output folder each run (existing masks are kept)
             wf = workflow(BUNDLE, ["inference.json"], bundle_root=str(root), dataset_dir=str(images),
-                          output_dir=str(out), image_size=size)
+                          output_dir=str(out / str(run)), image_size=size)
             evaluator = wf.parser.get_parsed_content("evaluator")
             start = time.perf_counter()
             evaluator.run()
             times.append((time.perf_counter() - start) / n_images)
-        written = len(list(out.glob("*.png")))
+            written.append(len(list((out / str(run)).glob("*.png"))))
+        if written != [n_images] * len(written):
+            raise RuntimeError(f"the bundle wrote {written} masks per run for {n_images} frames")
+        written = written[0]
     bundle = float(np.median(times[1:]))
     x = torch.rand(1, 3, size, size)
     student = student.eval()

@@ -5,12 +5,11 @@ palette and 16-bit images 8-bit RGB (``LoadImaged(converter=...)``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .inputs import MIN_INPUT_SIZE, InputError, _size_problem
+from .inputs import MIN_INPUT_SIZE, FileCheck, InputError, _size_problem
 
 __all__ = ["ImageCheck", "to_rgb8"]
 
@@ -38,7 +37,7 @@ def _rgb_fix(mode: str) -> str | None:
     return f"{mode} image (grey, palette or other colour model): converted to RGB"
 
 
-class ImageCheck:
+class ImageCheck(FileCheck):
     """Check one 2D image file (PNG/JPEG/TIFF) by decoding it (milliseconds per frame).
 
     Raises :class:`InputError` for a missing or empty file, a file PIL cannot identify ("not an
@@ -49,7 +48,7 @@ class ImageCheck:
     def __init__(self, what: str = "RGB image", min_size: int = MIN_INPUT_SIZE) -> None:
         self.what, self.min_size = what, int(min_size)
 
-    def __call__(self, path: str | os.PathLike) -> list[str]:
+    def check(self, path: Path) -> list[str]:
         from PIL import Image, UnidentifiedImageError
 
         path = Path(path)

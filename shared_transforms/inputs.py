@@ -52,6 +52,33 @@ def root_cause(e: BaseException) -> BaseException:
     return e
 
 
+class FileCheck:
+    """Base of the input checks: ``check(path) -> [warnings]`` (raising :class:`InputError`) is the subclass's.
+
+    ``__call__`` remembers each file that passed, by path, size and modification time: a file checked when
+    an inference run screens its inputs is not decoded a second time when it is loaded for the network,
+    and a file replaced in between is checked again.
+    """
+
+    def check(self, path: Path) -> list[str]:
+        raise NotImplementedError
+
+    def __call__(self, path: str | os.PathLike) -> list[str]:
+        path = Path(path)
+        try:
+            st = path.stat()
+            key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        except OSError:  # missing or unreadable: the check names the problem
+            key = None
+        passed = self.__dict__.setdefault("_passed", {})
+        if key is not None and key in passed:
+            return list(passed[key])
+        found = list(self.check(path))
+        if key is not None:
+            passed[key] = found
+        return list(found)
+
+
 def _size_problem(path: Path) -> str | None:
     if not path.exists():
         return "file not found"

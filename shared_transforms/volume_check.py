@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .inputs import MIN_INPUT_SIZE, InputError, _size_problem, root_cause
+from .inputs import MIN_INPUT_SIZE, FileCheck, InputError, _size_problem, root_cause
 
 __all__ = ["VolumeCheck"]
 
@@ -47,7 +47,7 @@ def _gzip_problem(path: Path, expected: int) -> str | None:
     return None
 
 
-class VolumeCheck:
+class VolumeCheck(FileCheck):
     """Check one NIfTI file (``.nii`` / ``.nii.gz``) from its header and the size of its data.
 
     Raises :class:`InputError` for: a missing or empty file, a file that is not NIfTI (or not gzip
@@ -80,7 +80,7 @@ class VolumeCheck:
             reoriented[int(target)] = int(shape[axis])
         return reoriented[0], reoriented[1]
 
-    def __call__(self, path: str | os.PathLike) -> list[str]:
+    def check(self, path: Path) -> list[str]:
         import nibabel as nib
 
         path = Path(path)

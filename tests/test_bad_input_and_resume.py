@@ -183,6 +183,33 @@ def test_reporting_dataset_and_report_never_lose_the_run(corpora, tmp_path):
         strict[0]
 
 
+def test_a_checked_file_is_not_decoded_again_unless_it_changed(tmp_path, monkeypatch):
+    """Screening checks every input; loading it for the network must not decode it a second time (the check
+    remembers passes by path, size and mtime), but a file replaced in between is checked afresh."""
+    import PIL.Image
+
+    frame = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(frame)
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    check = ImageCheck()
+    assert check(frame) == [] and check(str(frame)) == [] and len(opened) == 1
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(frame)  # now grey: another file, another answer
+    os.utime(frame, ns=(1, 1))
+    assert "converted to RGB" in check(frame)[0] and len(opened) == 2
+    frame.write_bytes(frame.read_bytes()[:30])  # truncated after it passed: never served from memory
+    with pytest.raises(InputError, match="truncated|corrupt|not an image"):
+        check(frame)
+    volume = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 4), np.float32), np.eye(4)), volume)
+    vcheck = VolumeCheck()
+    assert vcheck(volume) == vcheck(volume) == []
+    volume.write_bytes(volume.read_bytes()[:200])
+    with pytest.raises(InputError):
+        vcheck(volume)
+
+
 def test_inputs_with_the_same_mask_name_are_never_overwritten(tmp_path):
     """Two inputs named alike in different folders (the liver MRI layout's case_*/artery.nii.gz) would write
     one mask file: the first is processed, the second skipped naming the first (found by scripts/gpu_check.py)."""

@@ -235,6 +235,30 @@ def test_hausdorff_is_surface_to_surface_as_monai():
     assert qc.hausdorff(disk[..., None], holed[..., None]) > 5  # the hole is ~10 px from the disk's surface
 
 
+@pytest.mark.parametrize("target_spacing", [(1.25, 1.25), (1.25, 1.5)])
+def test_measures_in_mm_equal_a_distance_transform_in_mm(target_spacing):
+    """On an isotropic in-plane grid pHD_mm is pHD in pixels scaled (one distance transform per class); it must
+    equal the surface distance computed with the mm spacing itself, and an anisotropic grid computes that."""
+    qc = _scripts()["qc"]
+    yy, xx = np.mgrid[:48, :48]
+    soft = torch.zeros(3, 4, 48, 48)  # Z, classes, S, S
+    for z in range(3):
+        r2 = (yy - 24) ** 2 + ((xx - 20 - 2 * z) / 1.3) ** 2
+        lab = np.where(r2 < 6**2, 1, np.where(r2 < 9**2, 2, np.where((r2 < 14**2) & (xx > 30), 3, 0)))
+        soft[z] = torch.nn.functional.one_hot(torch.from_numpy(lab), 4).permute(2, 0, 1).float()
+    recon = torch.roll(soft, shifts=(2, -3), dims=(2, 3))  # R's "reconstruction": the masks moved
+    inferer = qc.QCInferer(None, None, None, list(target_spacing), image_size=48)
+    inferer.reconstruct = lambda s: recon
+    z_ratio = 4.0
+    got = inferer.measures(soft, z_ratio)
+    mm = (z_ratio * target_spacing[0], *target_spacing)
+    for c, name in qc.CLASS_NAMES.items():
+        a, b = soft.argmax(1).numpy() == c, recon.argmax(1).numpy() == c
+        assert got["pHD_mm"][name] == pytest.approx(qc.hausdorff(a, b, mm), rel=1e-6)
+        assert got["pHD"][name] == pytest.approx(qc.hausdorff(a, b, (z_ratio, 1.0, 1.0)), rel=1e-6)
+        assert got["pHD_mm"][name] > got["pHD"][name] > 0
+
+
 def test_empty_prediction_fails_qc_and_is_never_selected():
     s = _scripts()
     qc = s["qc"]

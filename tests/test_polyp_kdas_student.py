@@ -43,6 +43,25 @@ evaluate = _bundle_module("evaluate")
 # ------------------------------------------------------------------------------------------
 
 
+def test_sum_inferer_feeds_a_plain_tensor_and_returns_the_input_trace():
+    """The network runs on a plain tensor (no MetaTensor bookkeeping per op); the logits P1 + P2 come back
+    carrying the input's metadata and transform trace, which Invertd needs to resize them back."""
+    from monai.data import MetaTensor
+    from monai.transforms import Resized
+
+    net = net_mod.PolypPVT("pvt_v2_b0", return_both=True).eval()
+    seen = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(type(args[0])))
+    item = Resized("image", (64, 64))({"image": MetaTensor(torch.rand(3, 80, 96), meta={"filename_or_obj": "f.png"})})
+    x = item["image"][None]
+    with torch.no_grad():
+        out = net_mod.PolypPVTSumInferer()(x, net)
+        p1, p2 = net(torch.rand(1, 3, 64, 64).copy_(x.as_tensor()))
+    assert seen[0] is torch.Tensor and isinstance(out, MetaTensor) and out.dtype == p1.dtype
+    torch.testing.assert_close(out.as_tensor(), p1 + p2)
+    assert out.applied_operations == x.applied_operations and out.meta["filename_or_obj"] == "f.png"
+
+
 def test_parameter_counts_and_outputs():
     student = net_mod.PolypPVT("pvt_v2_b0", return_both=True)
     teacher = net_mod.PolypPVT("pvt_v2_b2")

@@ -341,11 +341,14 @@ class QCInferer:
         pred_lab, rec_lab = soft.argmax(1).numpy(), recon.argmax(1).numpy()  # Z, S, S
         px = (z_ratio, 1.0, 1.0)
         mm = (z_ratio * self.target_spacing[0], self.target_spacing[0], self.target_spacing[1])
+        # isotropic in-plane grid: mm spacing = px spacing × one factor, and so is every Euclidean distance
+        # (one distance transform per class instead of two)
+        scale = self.target_spacing[0] if self.target_spacing[0] == self.target_spacing[1] else None
         out: dict[str, dict[str, float]] = {"pDC": {}, "pHD": {}, "pHD_mm": {}}
         for c, name in CLASS_NAMES.items():
             a, b = pred_lab == c, rec_lab == c
             out["pDC"][name], out["pHD"][name] = qc_measures(a, b, px)
-            out["pHD_mm"][name] = qc_measures(a, b, mm)[1]
+            out["pHD_mm"][name] = out["pHD"][name] * scale if scale is not None else qc_measures(a, b, mm)[1]
         return out
 
     def prepare(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict, float, str]:
