@@ -82,20 +82,32 @@ class IterationTimer:
         return [r["seconds"] for r in self.records[1:] if r["images"] == batch_size]
 
 
-def hand_step(network, loss_fn, optimizer, images, labels, amp: bool = False, clip_norm: float | None = None):
-    """A hand-written PyTorch training step: ``step()`` runs forward, loss, backward (through a
-    GradScaler and ``torch.autocast`` with ``amp``), optional gradient-norm clipping on the unscaled
-    gradients, and the optimiser step."""
+def hand_step(network, loss_fn, optimizer, images, labels, device, amp: bool = False, clip_norm: float | None = None,
+              prepare=None, scaler_like=None, set_to_none: bool = False):
+    """A hand-written PyTorch training step: ``step()`` moves the batch to ``device`` (as the trainer's
+    ``prepare_batch`` does every iteration), runs forward, loss, backward (through a GradScaler and
+    ``torch.autocast`` with ``amp``), optional gradient-norm clipping on the unscaled gradients, and the
+    optimiser step.
+
+    ``images``/``labels``: a batch of the bundle's loader, as it comes out of it; ``prepare(x, y) -> (x, y)``
+    for a bundle that transforms its batch on the way in (one-hot labels); ``scaler_like``: the trainer's
+    GradScaler, whose current scale the step's own starts from (a fresh 2^16 would skip other steps than
+    the trainer's); ``set_to_none``: as the trainer's ``optim_set_to_none``.
+    """
     import torch
 
-    device_type = images.device.type
-    scaler = torch.amp.GradScaler(device_type, enabled=amp)
+    device_type = torch.device(device).type
+    scale = scaler_like.get_scale() if scaler_like is not None and scaler_like.is_enabled() else 2.0**16
+    scaler = torch.amp.GradScaler(device_type, init_scale=scale, enabled=amp)
 
     def step():
+        x, y = images.to(device), labels.to(device)
+        if prepare is not None:
+            x, y = prepare(x, y)
         network.train()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
         with torch.autocast(device_type, enabled=amp):
-            loss = loss_fn(network(images), labels)
+            loss = loss_fn(network(x), y)
         scaler.scale(loss).backward()
         if clip_norm is not None:
             scaler.unscale_(optimizer)
@@ -104,6 +116,15 @@ def hand_step(network, loss_fn, optimizer, images, labels, amp: bool = False, cl
         scaler.update()
 
     return step
+
+
+def trainer_hand_step(trainer, device, clip_norm: float | None = None, prepare=None):
+    """:func:`hand_step` with a ``SupervisedTrainer``'s network, loss, optimiser, AMP setting, scaler and
+    ``optim_set_to_none``, on the first batch of its loader."""
+    batch = next(iter(trainer.data_loader))
+    return hand_step(trainer.network, trainer.loss_function, trainer.optimizer, batch["image"], batch["label"], device,
+                     amp=bool(trainer.amp), clip_norm=clip_norm, prepare=prepare,
+                     scaler_like=getattr(trainer, "scaler", None), set_to_none=trainer.optim_set_to_none)
 
 
 def ratio_to_hand(timer: IterationTimer, batch_size: int, step, device, iters: int | None = None) -> dict:
@@ -126,9 +147,10 @@ def ratio_to_hand(timer: IterationTimer, batch_size: int, step, device, iters: i
 
 
 def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = ()) -> dict:
-    """Bundle ``SupervisedTrainer`` iteration ÷ a hand-written PyTorch step, same network and batch.
+    """Bundle ``SupervisedTrainer`` iteration ÷ a hand-written PyTorch step, same network, batch and AMP setting.
 
-    The bundle side is timed by :class:`IterationTimer` over two epochs of full batches.
+    The bundle side is timed by :class:`IterationTimer` over two epochs of full batches (the first
+    iteration left out), the hand side over as many steps after one warm-up.
     ``before_run``: config ids to evaluate first (as the bundle's ``run`` does, e.g. a transfer
     initialisation).
     """
@@ -140,8 +162,5 @@ def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = 
     timer = IterationTimer(device)
     timer.attach(trainer)
     trainer.run()
-    batch = next(iter(trainer.data_loader))
-    images, labels = batch["image"].to(device), batch["label"].to(device)
-    step = hand_step(trainer.network, trainer.loss_function, trainer.optimizer, images, labels)
-    result = ratio_to_hand(timer, batch_size, step, device)
-    return {**result, "batch": tuple(images.shape)}
+    result = ratio_to_hand(timer, batch_size, trainer_hand_step(trainer, device), device)
+    return {**result, "batch": tuple(next(iter(trainer.data_loader))["image"].shape)}

@@ -19,7 +19,7 @@ AMP PyTorch step on the same network, loss, optimiser and batch. Then one bundle
 
 The command exits non-zero when any check failed; the report says which and why.
 
-    python scripts/gpu_check.py --out gpu_check_out                      # on a GPU machine (about 5-8 min)
+    python scripts/gpu_check.py --out gpu_check_out                      # a GPU machine (--budget 480 s; not yet run on one)
     python scripts/gpu_check.py --device cpu --smoke True --out /tmp/gc   # the same flow, tiny sizes, CPU
 """
 
@@ -29,13 +29,14 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import fire
-from bench_utils import IterationTimer, hand_step, ratio_to_hand, synchronize, timeit, workflow
+from bench_utils import IterationTimer, ratio_to_hand, synchronize, timeit, trainer_hand_step, workflow
 from bundle_cli import BUNDLES, REPO, bundle_cmd, free_port
 
 ORDER = ("prostate_mri_transfer", "polyp_kdas_student", "cardiac_qc_refinement", "liver_ct_mri_transfer")
@@ -145,7 +146,7 @@ class BundleCheck:
     def train(self, stage: str, configs: list[str], batch_size: int, hand=None, **overrides) -> dict:
         """Train ``EPOCHS`` epochs; finite losses, changed weights, images/s, ratio to a hand-written step.
 
-        ``hand(wf, trainer, images, labels)``: makes the hand-written step (default :func:`hand_step`);
+        ``hand(wf, trainer)``: makes the hand-written step (default :func:`~bench_utils.trainer_hand_step`);
         ``False``: none.
         """
         import torch
@@ -190,15 +191,13 @@ class BundleCheck:
         _check(all(math.isfinite(v) for v in losses), f"{stage}: non-finite loss {losses}")
         _check(changed > 0, f"{stage}: training did not change the weights")
         if hand is not False:
-            batch = next(iter(trainer.data_loader))
-            images, labels = batch["image"].to(self.device), batch["label"].to(self.device)
-            step = (hand or self._plain_step)(wf, trainer, images, labels)
+            step = (hand or self._plain_step)(wf, trainer)
             result["vs_hand_written"] = ratio_to_hand(timer, batch_size, step, self.device)
         wf.finalize()
         return result
 
-    def _plain_step(self, wf, trainer, images, labels):
-        return hand_step(trainer.network, trainer.loss_function, trainer.optimizer, images, labels, amp=self.amp)
+    def _plain_step(self, wf, trainer):
+        return trainer_hand_step(trainer, self.device)
 
     def evaluate(self, configs: list[str], metrics_json: Path, **overrides) -> dict:
         wf = self._wf(configs, **overrides)
@@ -217,10 +216,14 @@ class BundleCheck:
         return result
 
     def infer(self, output_dir: Path, n_inputs: int, **overrides) -> dict:
-        """``inference.json`` on new cases: images/s (2-D slices or frames) and one mask per input."""
+        """``inference.json`` on new cases: images/s (2-D slices or frames; the inputs' screening, network,
+        post-processing and writing timed) and one mask per input."""
         from ignite.engine import Events
 
         wf = self._wf(["inference.json"], output_dir=str(output_dir), **overrides)
+        start = time.perf_counter()
+        wf.parser.get_parsed_content("inputs")  # the inference report checks every input here
+        screening = time.perf_counter() - start
         evaluator = wf.parser.get_parsed_content("evaluator")
         images = []
 
@@ -232,7 +235,7 @@ class BundleCheck:
         start = time.perf_counter()
         wf.run()
         synchronize(self.device)
-        wall = time.perf_counter() - start
+        wall = time.perf_counter() - start + screening
         wf.finalize()
         report = json.loads((Path(output_dir) / "inference_report.json").read_text())
         written = [e for e in report["inputs"] if e["status"] == "written" and Path(e["output"]).is_file()]
@@ -294,18 +297,27 @@ def _polyp_hand_step(c: BundleCheck):
     import torch
     import torch.nn.functional as F
 
-    def make(wf, trainer, images, labels):
+    def make(wf, trainer):
         step_fn = wf.parser.get_parsed_content("train#step")  # the bundle's MultiScaleKDStep: sizes, teacher, clip
-        scaler = torch.amp.GradScaler(images.device.type, enabled=c.amp)
+        batch = next(iter(trainer.data_loader))
+        device_type = torch.device(c.device).type
+        trained = trainer.scaler if trainer.scaler is not None and trainer.scaler.is_enabled() else None
+        scaler = torch.amp.GradScaler(
+            device_type, init_scale=trained.get_scale() if trained else 2.0**16, enabled=c.amp
+        )
         net, opt, loss_fn = trainer.network, trainer.optimizer, trainer.loss_function
 
         def step():
+            images, labels = batch["image"].to(c.device), batch["label"].to(c.device)
             net.train()
             for size in step_fn.sizes:
-                x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
-                y = F.interpolate(labels, size=(size, size), mode="bilinear", align_corners=True)
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(images.device.type, enabled=c.amp):
+                if size != images.shape[-1] or size != images.shape[-2]:
+                    x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
+                    y = F.interpolate(labels, size=(size, size), mode="bilinear", align_corners=True)
+                else:
+                    x, y = images, labels
+                opt.zero_grad(set_to_none=trainer.optim_set_to_none)
+                with torch.autocast(device_type, enabled=c.amp):
                     student = net(x)
                     teacher = None
                     if step_fn.teacher is not None and loss_fn.needs_teacher:
@@ -379,48 +391,62 @@ def _cardiac(c: BundleCheck, s: dict) -> dict:
     common = dict(dataset_dir=str(data), augment=False, **s["net"])
     grad_clip = 12.0  # train.json's grad_clip: the hand-written step clips the same norm
 
-    def seg_step(wf, trainer, images, labels):  # the segmenter's step clips the unscaled gradient norm, as the bundle
-        return hand_step(
-            trainer.network, trainer.loss_function, trainer.optimizer, images, labels, amp=c.amp, clip_norm=grad_clip
-        )
+    def seg_step(wf, trainer):  # the segmenter's step clips the unscaled gradient norm, as the bundle
+        return trainer_hand_step(trainer, c.device, clip_norm=grad_clip)
 
     c.train("segmenter", ["train.json"], s["batch_size"], hand=seg_step, grad_clip=grad_clip, **common)
 
-    def qc_step(wf, trainer, images, labels):  # R trains on one-hot ground truth (the config's prepare_batch)
-        batch = trainer.prepare_batch({"image": images, "label": labels}, images.device, False)
-        return hand_step(trainer.network, trainer.loss_function, trainer.optimizer, batch[0], batch[1], amp=c.amp)
+    def qc_step(wf, trainer):  # R trains on one-hot ground truth: the config's prepare_batch, in the step too
+        def prepare(x, y):
+            return trainer.prepare_batch({"image": x, "label": y}, x.device, False)[:2]
+
+        return trainer_hand_step(trainer, c.device, prepare=prepare)
 
     c.train("qc_autoencoder", ["train.json", "train_qc.json"], s["batch_size"], hand=qc_step, **common)
     model = c.root / "models" / "model.pt"
-    before = torch.load(model, map_location="cpu", weights_only=True)
+    # refinement starts from the last epoch's weights (with its optimiser state), not from the best epoch's model.pt
+    before = torch.load(c.root / "models" / "resume" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     # After 2 epochs nothing need look out of distribution, and then the refinement iteration has no OoD step
     # to run: thresholds that fail every candidate (pDC < 2) flag every unlabelled volume for this stage only.
     calibration = c.root / "models" / "qc" / "calibration.json"
     saved = calibration.read_text()
     calibration.write_text(json.dumps({"th_low": 2.0, "th_up": 0.0}))
-    wf = c._wf(
-        ["train.json", "refine.json"], K_semi=1, batch_size=s["batch_size"], threshold_source="calibration", **common
-    )
-    start = time.perf_counter()
-    wf.run()
-    wall = time.perf_counter() - start
-    wf.finalize()
-    calibration.write_text(saved)
+    try:
+        wf = c._wf(
+            ["train.json", "refine.json"],
+            K_semi=1,
+            batch_size=s["batch_size"],
+            threshold_source="calibration",
+            **common,
+        )
+        start = time.perf_counter()
+        wf.run()
+        wall = time.perf_counter() - start
+        wf.finalize()
+    finally:
+        calibration.write_text(saved)
     after = torch.load(model, map_location="cpu", weights_only=True)
     changed = sum(not torch.equal(v, after[k]) for k, v in before.items() if v.is_floating_point())
     log = json.loads((c.root / "eval" / "refine" / "refine_log.json").read_text())
+    losses = [v for it in log["iterations"] for v in (it["supervised_loss"], it["mean_semi_loss"], it["val_loss"])]
+    losses += [step["loss"] for it in log["iterations"] for step in it["semi_steps"]]
     c.stages.append(
         {
             "stage": "refine (1 iteration)",
             "configs": ["train.json", "refine.json"],
             "wall_s": wall,
             "amp": c.amp,
-            "weights_changed": f"{changed}/{len(before)}",
+            "start_weights": log["start_weights"],
+            "weights_changed": f"{changed}/{sum(v.is_floating_point() for v in before.values())}",
             "ood_flagged": len(log["initial"]["ood"]),
             "refinement_iterations": len(log["iterations"]),
+            "losses": losses,
         }
     )
+    _check(log["start_weights"].startswith("resume"), f"refinement started from {log['start_weights']}")
+    _check(len(log["initial"]["ood"]) > 0, "no unlabelled volume was flagged: the OoD steps did not run")
     _check(len(log["iterations"]) == 1, f"refinement ran {len(log['iterations'])} iterations, not 1")
+    _check(len(losses) > 3 and all(math.isfinite(v) for v in losses), f"refinement losses not all finite: {losses}")
     _check(changed > 0, "refinement did not change the weights")
     c.evaluate(["train.json", "evaluate.json"], c.root / "eval" / "metrics.json", **common)
     subject = sorted(p for p in data.iterdir() if p.is_dir() and p.name.isdigit())[-1]  # an OoD subject
@@ -449,7 +475,12 @@ def _worker(name: str, out: Path, device: str, smoke: bool, overrides: dict | No
     out.mkdir(parents=True, exist_ok=True)
     amp = torch.device(device).type == "cuda"  # MONAI's trainers autocast on CUDA only
     check = BundleCheck(name, out, device, amp, overrides)
-    result = {"bundle": name, "ok": False, "sizes": SIZES[name]["smoke" if smoke else "full"]}
+    result = {
+        "bundle": name,
+        "ok": False,
+        "sizes": SIZES[name]["smoke" if smoke else "full"],
+        "overrides": dict(overrides or {}),
+    }
     start = time.perf_counter()
     try:
         result.update(RECIPES[name](check, result["sizes"]))
@@ -487,6 +518,7 @@ def _ddp(name: str, data: Path, out: Path, smoke: bool, timeout: float) -> dict:
         epochs=1,
         batch_size=s["batch_size"],
         resume=False,
+        cache_dir=str(out.parent / name / "bundle" / "cache"),  # the bundle's N4 cache: volumes are not corrected again
         **s["net"],
     )
     cmd = [
@@ -505,15 +537,18 @@ def _ddp(name: str, data: Path, out: Path, smoke: bool, timeout: float) -> dict:
     start = time.perf_counter()
     with open(out / "log.txt", "wb") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=out, timeout=timeout)
-    result = {
-        "bundle": name,
-        "backend": backend,
-        "wall_s": time.perf_counter() - start,
-        "returncode": proc.returncode,
-        "ok": proc.returncode == 0 and (root / "models" / "model.pt").is_file(),
-    }
-    if not result["ok"]:
-        result["error"] = f"torchrun exited {proc.returncode}; logs in {logs}"
+    model = root / "models" / "model.pt"
+    result = {"bundle": name, "backend": backend, "wall_s": time.perf_counter() - start, "returncode": proc.returncode}
+    if proc.returncode != 0 or not model.is_file():
+        result.update(
+            ok=False,
+            error=f"torchrun exited {proc.returncode}, model.pt {'written' if model.is_file() else 'missing'}; "
+            f"logs in {logs}",
+        )
+    else:
+        state = torch.load(model, map_location="cpu", weights_only=True)
+        finite = all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+        result.update(ok=finite, **({} if finite else {"error": "model.pt has non-finite weights"}))
     return result
 
 
@@ -597,26 +632,40 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_report(report: dict, out_dir: Path, start: float) -> None:
+    """gpu_report.json (atomically) and gpu_report.md as they stand: a run stopped from outside keeps what it did."""
+    report["wall_s"] = time.perf_counter() - start
+    report["ok"] = bool(report["finished"]) and not report["failures"]
+    tmp = out_dir / "gpu_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, out_dir / "gpu_report.json")
+    tmp = out_dir / "gpu_report.md.tmp"
+    tmp.write_text(markdown(report))
+    os.replace(tmp, out_dir / "gpu_report.md")
+
+
 def main(
     out: str = "gpu_check_out",
     device: str = "cuda",
     smoke: bool = False,
     bundles: list[str] | None = None,
     ddp_bundle: str | None = "prostate_mri_transfer",
-    timeout: float = 900.0,
+    budget: float = 480.0,
     overrides: dict | None = None,
     worker: str | None = None,
 ) -> None:
     """Run every bundle's GPU path (or ``--smoke True`` at tiny sizes) and write gpu_report.json / .md.
 
     Args:
-        out: report and work folder (phantoms, checkpoints, logs per bundle).
+        out: report and work folder (phantoms, checkpoints, logs per bundle; a bundle's folder is
+            emptied when it starts).
         device: ``cuda`` (``cuda:N``) or ``cpu``; AMP is on exactly when it is CUDA.
         smoke: tiny phantoms and networks instead of the paper's sizes (what the test suite runs on CPU).
         bundles: bundle names (default: all four).
         ddp_bundle: the bundle trained under ``torchrun --nproc_per_node 1``; ``None`` skips it. Only
             prostate_mri_transfer is wired up (it reuses that bundle's phantoms).
-        timeout: seconds allowed per bundle.
+        budget: seconds for the whole command; a stage still running when it is spent is stopped and
+            reported as failed, and the report is rewritten after every stage.
         overrides: config overrides for every training stage, e.g. ``"{'num_workers': 4}"``.
         worker: internal: run one bundle in this process.
     """
@@ -630,7 +679,7 @@ def main(
         sys.exit(
             f"--device {device}: torch {torch.__version__} sees no CUDA device (use --device cpu --smoke True on CPU)"
         )
-    names = list(bundles) if bundles else list(ORDER)
+    names = [bundles] if isinstance(bundles, str) else list(bundles) if bundles else list(ORDER)
     unknown = sorted(set(names) - set(RECIPES))
     if unknown:
         sys.exit(f"unknown bundle(s) {unknown}; known: {sorted(RECIPES)}")
@@ -640,71 +689,72 @@ def main(
     report = {
         "machine": _machine(device, bool(smoke)),
         "overrides": dict(overrides or {}),
+        "budget_s": budget,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "bundles": {},
         "failures": [],
+        "finished": False,
     }
     start = time.perf_counter()
+
+    def left() -> float:
+        return budget - (time.perf_counter() - start)
+
+    _write_report(report, out_dir, start)
     for name in names:
         t = time.perf_counter()
-        print(f"[gpu_check] {name} ...", flush=True)
+        folder = out_dir / name
+        shutil.rmtree(folder, ignore_errors=True)  # nothing of an earlier run (kept masks, result.json) counts
+        folder.mkdir(parents=True)
+        print(f"[gpu_check] {name} ({left():.0f} s of the budget left) ...", flush=True)
         cmd = [
             sys.executable,
             __file__,
             "--worker",
             name,
             "--out",
-            str(out_dir / name),
+            str(folder),
             "--device",
             device,
             "--smoke",
             str(bool(smoke)),
             "--overrides",
-            json.dumps(dict(overrides or {})),
-        ]
-        (out_dir / name).mkdir(parents=True, exist_ok=True)
+            repr(dict(overrides or {})),
+        ]  # fire reads Python literals
         try:
-            with open(out_dir / name / "worker.log", "wb") as f:
-                subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=out_dir / name)
-            result = json.loads((out_dir / name / "result.json").read_text())
-        except (subprocess.TimeoutExpired, FileNotFoundError, json.JSONDecodeError) as e:
-            result = {
-                "bundle": name,
-                "ok": False,
-                "error": f"{type(e).__name__}: {e}; see {out_dir / name / 'worker.log'}",
-            }
+            if left() <= 0:
+                raise TimeoutError(f"the budget of {budget:.0f} s was spent before it started")
+            with open(folder / "worker.log", "wb") as f:
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=left(), cwd=folder)
+            result = json.loads((folder / "result.json").read_text())
+            if proc.returncode != 0 and result.get("ok"):
+                result.update(ok=False, error=f"worker exited {proc.returncode} after reporting success")
+        except (subprocess.TimeoutExpired, TimeoutError, FileNotFoundError, json.JSONDecodeError) as e:
+            result = {"bundle": name, "ok": False, "error": f"{type(e).__name__}: {e}; see {folder / 'worker.log'}"}
         report["bundles"][name] = result
         if not result["ok"]:
             report["failures"].append(f"{name}: {result.get('error')}")
-        print(
-            f"[gpu_check] {name}: {'ok' if result['ok'] else 'FAILED: ' + str(result.get('error'))} "
-            f"({time.perf_counter() - t:.0f} s)",
-            flush=True,
-        )
+        status = "ok" if result["ok"] else "FAILED: " + str(result.get("error"))
+        print(f"[gpu_check] {name}: {status} ({time.perf_counter() - t:.0f} s)", flush=True)
+        _write_report(report, out_dir, start)
     if ddp_bundle:
         data = out_dir / ddp_bundle / "data"
         if not data.is_dir():
             report["failures"].append(f"ddp: no phantoms in {data} (run {ddp_bundle} in the same command)")
+        elif left() <= 0:
+            report["failures"].append(f"ddp: the budget of {budget:.0f} s was spent before it started")
         else:
             print(f"[gpu_check] torchrun --nproc_per_node 1: {ddp_bundle} ...", flush=True)
+            shutil.rmtree(out_dir / "ddp", ignore_errors=True)
             try:
-                report["ddp"] = d = _ddp(ddp_bundle, data, out_dir / "ddp", bool(smoke), timeout)
+                report["ddp"] = d = _ddp(ddp_bundle, data, out_dir / "ddp", bool(smoke), left())
             except subprocess.TimeoutExpired as e:
-                report["ddp"] = d = {
-                    "bundle": ddp_bundle,
-                    "ok": False,
-                    "backend": "?",
-                    "wall_s": timeout,
-                    "error": str(e),
-                }
+                d = {"bundle": ddp_bundle, "ok": False, "backend": "?", "wall_s": e.timeout, "error": str(e)}
+                report["ddp"] = d
             if not d["ok"]:
                 report["failures"].append(f"ddp: {d.get('error')}")
-    report["wall_s"] = time.perf_counter() - start
-    report["ok"] = not report["failures"]
-    tmp = out_dir / "gpu_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, out_dir / "gpu_report.json")
-    (out_dir / "gpu_report.md").write_text(markdown(report))
+    report["finished"] = True
+    _write_report(report, out_dir, start)
     print(markdown(report), flush=True)
     print(f"[gpu_check] report: {out_dir / 'gpu_report.json'}, {out_dir / 'gpu_report.md'}", flush=True)
     sys.exit(0 if report["ok"] else 1)

@@ -113,8 +113,8 @@ class InferenceReport:
 
         Stale ``.partial-*`` files of an interrupted earlier run are removed first. An input whose mask
         would land on another input's (same file name in another folder, e.g. ``case_1/artery.nii.gz``
-        and ``case_2/artery.nii.gz`` in one datalist) is skipped, naming the first: its mask would
-        overwrite that one's.
+        and ``case_2/artery.nii.gz`` in one datalist) is skipped, naming the first input that is
+        processed or kept for that mask: its mask would overwrite that one's.
         """
         for stale in remove_stale_partials(self.output_dir):
             logger.info("removed %s (left by an interrupted run)", stale)
@@ -122,12 +122,13 @@ class InferenceReport:
         for item in datalist:
             file = str(item[self.key])
             out = self.output_path(file)
-            if claimed.setdefault(out, file) != file:
+            if claimed.get(out, file) != file:
                 self.skip(file, f"its mask {out} is also {claimed[out]}'s: give the inputs distinct file names, "
                                 "or run them into separate output_dir")
                 continue
             if not self.overwrite and out.is_file():
                 self._entry(file).update(status="kept", output=str(out), reason="mask exists (overwrite: false)")
+                claimed[out] = file
                 continue
             try:
                 found = list(self.check(file)) if self.check is not None else []
@@ -137,6 +138,7 @@ class InferenceReport:
             self._entry(file)
             self.warn(file, found)
             todo.append(dict(item))
+            claimed[out] = file  # a bad input claims no mask: a good one of the same name still runs
         counts = self.counts()
         logger.info("%d inputs: %d to process, %d skipped, %d kept (mask exists)",
                     len(datalist), len(todo), counts["skipped"], counts["kept"])

@@ -198,13 +198,19 @@ def test_a_checked_file_is_not_decoded_again_unless_it_changed(tmp_path, monkeyp
     Image.fromarray(np.zeros((40, 48), np.uint8)).save(frame)  # now grey: another file, another answer
     os.utime(frame, ns=(1, 1))
     assert "converted to RGB" in check(frame)[0] and len(opened) == 2
+    assert "converted to RGB" in check(frame)[0] and len(opened) == 2  # remembered with its warning
     frame.write_bytes(frame.read_bytes()[:30])  # truncated after it passed: never served from memory
     with pytest.raises(InputError, match="truncated|corrupt|not an image"):
         check(frame)
     volume = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((40, 40, 4), np.float32), np.eye(4)), volume)
     vcheck = VolumeCheck()
-    assert vcheck(volume) == vcheck(volume) == []
+    import nibabel
+
+    loads = []
+    real_load = nibabel.load
+    monkeypatch.setattr(nibabel, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    assert vcheck(volume) == vcheck(volume) == [] and len(loads) == 1
     volume.write_bytes(volume.read_bytes()[:200])
     with pytest.raises(InputError):
         vcheck(volume)
@@ -221,6 +227,15 @@ def test_inputs_with_the_same_mask_name_are_never_overwritten(tmp_path):
     assert entry["status"] == "skipped" and str(files[0]) in entry["reason"] and "artery_seg.nii.gz" in entry["reason"]
     with pytest.raises(InputError, match="case_1"):
         InferenceReport(str(tmp_path / "strict"), strict=True).screen([{"image": str(f)} for f in files])
+
+    def check(path):  # case_1's file is broken: case_2's, of the same name, must still run
+        if "case_1" in str(path):
+            raise InputError(path, "corrupt")
+        return []
+
+    report = InferenceReport(str(tmp_path / "bad_first"), check=check)
+    assert [d["image"] for d in report.screen([{"image": str(f)} for f in files])] == [str(files[1]), str(files[2])]
+    assert report.entries[str(files[0])]["reason"] == "corrupt"
 
 
 def test_atomic_writer_leaves_no_partial_mask(tmp_path, monkeypatch):

@@ -54,10 +54,15 @@ def test_smoke_mode_runs_every_bundle_and_writes_the_report(tmp_path):
         assert stages["evaluate"]["metrics"] and all(math.isfinite(v) for v in stages["evaluate"]["metrics"].values())
         inference = stages["inference"]
         assert inference["masks"] >= inference["inputs"] >= 1 and inference["infer_images_per_s"] > 0
-    assert report["bundles"]["cardiac_qc_refinement"]["stages"][2]["refinement_iterations"] == 1
+    refine = report["bundles"]["cardiac_qc_refinement"]["stages"][2]
+    assert refine["refinement_iterations"] == 1 and refine["ood_flagged"] > 0 and refine["start_weights"].startswith("resume")
+    assert all(math.isfinite(v) for v in refine["losses"])
     kd = report["bundles"]["polyp_kdas_student"]["kdas_throughput"]
     assert kd["student_img_s"] > 0 and kd["student_over_teacher"] == pytest.approx(kd["student_img_s"] / kd["teacher_img_s"])
-    assert report["ddp"]["ok"] and report["ddp"]["backend"] == "gloo"
+    import torch
+
+    assert report["ddp"]["ok"] and report["ddp"]["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert report["finished"] and report["wall_s"] < report["budget_s"]
     md = (out / "gpu_report.md").read_text()
     assert "PASSED" in md and all(name in md for name in BUNDLES) and "student ÷ teacher" in md
 
@@ -65,13 +70,18 @@ def test_smoke_mode_runs_every_bundle_and_writes_the_report(tmp_path):
 def test_a_failed_check_exits_non_zero_naming_it(tmp_path):
     """A learning rate of 0 leaves every parameter as it was: the check must fail, not pass quietly."""
     out = tmp_path / "gc"
-    proc = _run(out, "--bundles", "['liver_ct_mri_transfer']", "--ddp_bundle", "None", "--overrides",
-                "{'learning_rate': 0.0}")
+    stale = out / "liver_ct_mri_transfer"  # an earlier run's success must not count
+    stale.mkdir(parents=True)
+    (stale / "result.json").write_text(json.dumps({"bundle": "liver_ct_mri_transfer", "ok": True, "stages": []}))
+    proc = _run(out, "--bundles", "liver_ct_mri_transfer", "--ddp_bundle", "None", "--overrides",
+                "{'learning_rate': 0.0, 'augment': False}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     report = json.loads((out / "gpu_report.json").read_text())
     assert not report["ok"]
     assert report["failures"] == ["liver_ct_mri_transfer: CheckFailed: ct_pretrain: training did not change the weights"]
     assert "FAILED" in (out / "gpu_report.md").read_text()
+    # the worker process got the overrides as Python literals, booleans kept
+    assert report["bundles"]["liver_ct_mri_transfer"]["overrides"] == {"learning_rate": 0.0, "augment": False}
 
 
 def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path):
