@@ -82,6 +82,15 @@ class IterationTimer:
         return [r["seconds"] for r in self.records[1:] if r["images"] == batch_size]
 
 
+def scaler_at(device, amp: bool, like=None):
+    """A GradScaler for ``device`` (enabled with ``amp``) starting from ``like``'s current scale: a fresh 2^16
+    would skip other, overflowing steps than the trainer whose scaler ``like`` is."""
+    import torch
+
+    scale = like.get_scale() if like is not None and like.is_enabled() else 2.0**16
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=scale, enabled=amp)
+
+
 def hand_step(network, loss_fn, optimizer, images, labels, device, amp: bool = False, clip_norm: float | None = None,
               prepare=None, scaler_like=None, set_to_none: bool = False):
     """A hand-written PyTorch training step: ``step()`` moves the batch to ``device`` (as the trainer's
@@ -97,8 +106,7 @@ def hand_step(network, loss_fn, optimizer, images, labels, device, amp: bool = F
     import torch
 
     device_type = torch.device(device).type
-    scale = scaler_like.get_scale() if scaler_like is not None and scaler_like.is_enabled() else 2.0**16
-    scaler = torch.amp.GradScaler(device_type, init_scale=scale, enabled=amp)
+    scaler = scaler_at(device, amp, scaler_like)
 
     def step():
         x, y = images.to(device), labels.to(device)
@@ -118,10 +126,10 @@ def hand_step(network, loss_fn, optimizer, images, labels, device, amp: bool = F
     return step
 
 
-def trainer_hand_step(trainer, device, clip_norm: float | None = None, prepare=None):
+def trainer_hand_step(trainer, device, clip_norm: float | None = None, prepare=None, batch=None):
     """:func:`hand_step` with a ``SupervisedTrainer``'s network, loss, optimiser, AMP setting, scaler and
-    ``optim_set_to_none``, on the first batch of its loader."""
-    batch = next(iter(trainer.data_loader))
+    ``optim_set_to_none``, on ``batch`` (default: the first batch of its loader)."""
+    batch = next(iter(trainer.data_loader)) if batch is None else batch
     return hand_step(trainer.network, trainer.loss_function, trainer.optimizer, batch["image"], batch["label"], device,
                      amp=bool(trainer.amp), clip_norm=clip_norm, prepare=prepare,
                      scaler_like=getattr(trainer, "scaler", None), set_to_none=trainer.optim_set_to_none)
@@ -162,5 +170,6 @@ def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = 
     timer = IterationTimer(device)
     timer.attach(trainer)
     trainer.run()
-    result = ratio_to_hand(timer, batch_size, trainer_hand_step(trainer, device), device)
-    return {**result, "batch": tuple(next(iter(trainer.data_loader))["image"].shape)}
+    batch = next(iter(trainer.data_loader))
+    result = ratio_to_hand(timer, batch_size, trainer_hand_step(trainer, device, batch=batch), device)
+    return {**result, "batch": tuple(batch["image"].shape)}

@@ -59,9 +59,17 @@ def run_logged(cmd: list[str], log_file: Path, echo: bool = True) -> None:
             raise SystemExit(f"{tail}\ncommand failed ({proc.returncode}); full log: {log_file}")
 
 
-def make_phantoms(kind: str, out_dir: Path, log_file: Path, **options) -> Path:
+def make_phantoms(kind: str, out_dir: Path, log_file: Path, echo: bool = True, **options) -> Path:
+    """``scripts/phantoms.py <kind> <out_dir> --option value ...``, logged by :func:`run_logged`."""
     cmd = [sys.executable, str(PHANTOMS), kind, str(out_dir)]
     for key, value in options.items():
         cmd += [f"--{key}", str(value)]
-    run_logged(cmd, log_file)
+    run_logged(cmd, log_file, echo=echo)
     return Path(out_dir)
+
+
+def torchrun_cmd(cmd: list[str], nproc: int, log_dir: Path) -> list[str]:
+    """A ``python -m ...`` command (e.g. :func:`bundle_cmd`'s) under ``torchrun --nproc_per_node=<nproc>`` on a
+    free local port, each rank's output in its own file under ``log_dir``."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "--log-dir", str(log_dir), "--redirects", "3", *cmd[1:]]

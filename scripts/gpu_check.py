@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 import fire
-from bench_utils import IterationTimer, ratio_to_hand, synchronize, timeit, trainer_hand_step, workflow
-from bundle_cli import BUNDLES, REPO, bundle_cmd, free_port
+from bench_utils import IterationTimer, ratio_to_hand, scaler_at, synchronize, timeit, trainer_hand_step, workflow
+from bundle_cli import BUNDLES, bundle_cmd, make_phantoms, torchrun_cmd
 
 ORDER = ("prostate_mri_transfer", "polyp_kdas_student", "cardiac_qc_refinement", "liver_ct_mri_transfer")
 EPOCHS = 2
@@ -111,12 +111,7 @@ def _check(condition: bool, what: str) -> None:
 
 
 def _phantoms(kind: str, out_dir: Path, log: Path, **options) -> Path:
-    cmd = [sys.executable, str(REPO / "scripts" / "phantoms.py"), kind, str(out_dir)]
-    for key, value in options.items():
-        cmd += [f"--{key}", str(value)]
-    with open(log, "ab") as f:
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True)
-    return out_dir
+    return make_phantoms(kind, out_dir, log, echo=False, **options)
 
 
 class BundleCheck:
@@ -132,8 +127,6 @@ class BundleCheck:
         sys.path.insert(0, str(self.bundle))  # the bundle's scripts package, as the MONAI CLI adds it
 
     def _wf(self, configs: list[str], **overrides):
-        import torch  # noqa: F401  (the device expression below)
-
         return workflow(
             self.bundle,
             configs,
@@ -150,11 +143,11 @@ class BundleCheck:
         ``False``: none.
         """
         import torch
+        from ignite.engine import Events
 
         wf = self._wf(
             configs, epochs=EPOCHS, batch_size=batch_size, resume=False, **{**overrides, **self.train_overrides}
         )
-        from ignite.engine import Events
 
         network = wf.parser.get_parsed_content("network")
         trainer = wf.parser.get_parsed_content("train#trainer")
@@ -301,10 +294,7 @@ def _polyp_hand_step(c: BundleCheck):
         step_fn = wf.parser.get_parsed_content("train#step")  # the bundle's MultiScaleKDStep: sizes, teacher, clip
         batch = next(iter(trainer.data_loader))
         device_type = torch.device(c.device).type
-        trained = trainer.scaler if trainer.scaler is not None and trainer.scaler.is_enabled() else None
-        scaler = torch.amp.GradScaler(
-            device_type, init_scale=trained.get_scale() if trained else 2.0**16, enabled=c.amp
-        )
+        scaler = scaler_at(c.device, c.amp, trainer.scaler)
         net, opt, loss_fn = trainer.network, trainer.optimizer, trainer.loss_function
 
         def step():
@@ -389,12 +379,11 @@ def _cardiac(c: BundleCheck, s: dict) -> dict:
 
     data = _phantoms("cardiac", c.out / "data", c.log, **s["phantoms"])
     common = dict(dataset_dir=str(data), augment=False, **s["net"])
-    grad_clip = 12.0  # train.json's grad_clip: the hand-written step clips the same norm
 
-    def seg_step(wf, trainer):  # the segmenter's step clips the unscaled gradient norm, as the bundle
-        return trainer_hand_step(trainer, c.device, clip_norm=grad_clip)
+    def seg_step(wf, trainer):  # clips the unscaled gradient norm at the config's grad_clip, as the bundle's step
+        return trainer_hand_step(trainer, c.device, clip_norm=wf.parser.get_parsed_content("grad_clip"))
 
-    c.train("segmenter", ["train.json"], s["batch_size"], hand=seg_step, grad_clip=grad_clip, **common)
+    c.train("segmenter", ["train.json"], s["batch_size"], hand=seg_step, **common)
 
     def qc_step(wf, trainer):  # R trains on one-hot ground truth: the config's prepare_batch, in the step too
         def prepare(x, y):
@@ -485,12 +474,12 @@ def _worker(name: str, out: Path, device: str, smoke: bool, overrides: dict | No
     try:
         result.update(RECIPES[name](check, result["sizes"]))
         result["ok"] = True
-    except Exception as e:  # noqa: BLE001  (reported, and the command exits non-zero)
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (reported, and the command exits non-zero)
         import traceback
 
-        root = e
-        while root.__cause__ is not None:  # MONAI wraps the real error in "Failed to evaluate ConfigExpression"
-            root = root.__cause__
+        from shared_transforms.inputs import root_cause
+
+        root = root_cause(e)  # MONAI wraps the real error in "Failed to evaluate ConfigExpression"
         result["error"] = " ".join(f"{type(root).__name__}: {root}".split())
         traceback.print_exc()
     result["stages"] = check.stages
@@ -521,18 +510,7 @@ def _ddp(name: str, data: Path, out: Path, smoke: bool, timeout: float) -> dict:
         cache_dir=str(out.parent / name / "bundle" / "cache"),  # the bundle's N4 cache: volumes are not corrected again
         **s["net"],
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=1",
-        f"--master_port={free_port()}",
-        "--log-dir",
-        str(logs),
-        "--redirects",
-        "3",
-        *cmd[1:],
-    ]
+    cmd = torchrun_cmd(cmd, 1, logs)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     start = time.perf_counter()
     with open(out / "log.txt", "wb") as f:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bundle_cli import BUNDLES, PHANTOMS, REPO, bundle_cmd, free_port  # scripts/ is on the path (conftest.py)
+from bundle_cli import BUNDLES, PHANTOMS, REPO, bundle_cmd, torchrun_cmd  # scripts/ is on the path (conftest.py)
 
 __all__ = ["REPO", "BUNDLES", "PHANTOMS", "run", "bundle_run", "make_phantoms", "assert_progress_eta", "torchrun_bundle",
            "assert_same_results", "assert_ddp_evaluation_matches"]
@@ -51,9 +51,7 @@ def torchrun_bundle(bundle: str, configs: list[str], cwd: Path, run_id: str, npr
                     **overrides) -> dict[int, str]:
     """``torchrun --nproc_per_node=<nproc> -m monai.bundle run ...`` on CPU (gloo); each rank's stdout, by rank."""
     logs = Path(cwd) / "torchrun_logs"
-    cmd = bundle_cmd(bundle, configs, run_id, **overrides)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "--log-dir", str(logs), "--redirects", "3", *cmd[1:]]
+    cmd = torchrun_cmd(bundle_cmd(bundle, configs, run_id, **overrides), nproc, logs)
     try:
         run(cmd, cwd=cwd, env={"OMP_NUM_THREADS": "1"})
     except AssertionError as e:  # the ranks' own output is in their log files
