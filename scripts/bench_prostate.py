@@ -36,7 +36,7 @@ BUNDLE_ROOT = BUNDLES / "prostate_mri_transfer"
 def bench_training(work: Path, data: Path, image_size: int, encoder: str, batch_size: int) -> dict:
     wf = workflow(BUNDLE_ROOT, ["train.json"], bundle_root=str(work), dataset_dir=str(data), sites=["RUNMC", "BMC"],
                   image_size=image_size, encoder=encoder, batch_size=batch_size, epochs=1, resume=False)
-    return training_iteration_ratio(wf, batch_size, before_run=("train#intensity_stats",))
+    return training_iteration_ratio(wf, batch_size)
 
 
 def bench_data_loading(work: Path, data: Path, image_size: int) -> dict:

@@ -27,7 +27,7 @@ from .files import write_json
 from .progress import progress
 from .utils import is_main_process
 
-__all__ = ["SliceDataset", "add_to_report", "case_hash", "transform_hash"]
+__all__ = ["SliceDataset", "add_to_report", "case_hash", "stats_from_sums", "transform_hash"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +186,12 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         return self._dataset[index]
 
-    def intensity_stats(self, key: str = "image") -> dict[str, float]:
-        """Mean and std of ``key`` over every pixel of every slice (the training-set statistics)."""
+    def intensity_sums(self, key: str = "image") -> dict[str, float]:
+        """``{"count", "sum", "sum_sq"}`` of ``key`` over every pixel of every slice, in float64.
+
+        Sums, unlike a mean and std, add up across datasets: federated sites send these and the
+        server turns their totals into the pooled statistics (:func:`stats_from_sums`).
+        """
         if not self.slices:
             raise ValueError("no slices: cannot compute intensity statistics of an empty dataset")
         total, total_sq, count = 0.0, 0.0, 0
@@ -196,6 +200,18 @@ class SliceDataset(torch.utils.data.Dataset):
             total += float(x.sum())
             total_sq += float((x * x).sum())
             count += x.numel()
-        mean = total / count
-        std = max(total_sq / count - mean * mean, 0.0) ** 0.5
-        return {"mean": mean, "std": std}
+        return {"count": count, "sum": total, "sum_sq": total_sq}
+
+    def intensity_stats(self, key: str = "image") -> dict[str, float]:
+        """Mean and std of ``key`` over every pixel of every slice (the training-set statistics)."""
+        return stats_from_sums([self.intensity_sums(key)])
+
+
+def stats_from_sums(sums: Sequence[dict]) -> dict[str, float]:
+    """Pooled ``{"mean", "std"}`` (population std) from the :meth:`SliceDataset.intensity_sums` of several datasets."""
+    count = sum(int(s["count"]) for s in sums)
+    if count <= 0:
+        raise ValueError(f"no pixels in {len(sums)} intensity sum(s): cannot compute statistics")
+    mean = sum(float(s["sum"]) for s in sums) / count
+    var = sum(float(s["sum_sq"]) for s in sums) / count - mean * mean
+    return {"mean": mean, "std": max(var, 0.0) ** 0.5}

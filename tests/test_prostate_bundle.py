@@ -107,7 +107,7 @@ def test_multi_gpu_evaluate_matches_one_process(trained, tmp_path):
 def test_finetune_starts_from_source_weights_and_trains(trained, tmp_path):
     work, data = trained["work"], trained["data"]
     source = work / "models" / "model.pt"
-    # the fine-tuning workflow exactly as the CLI builds it: its first run step loads the source
+    # the fine-tuning workflow exactly as the CLI builds it: its trainer's first handler loads the source
     check = textwrap.dedent(
         f"""
         import torch
@@ -117,13 +117,17 @@ def test_finetune_starts_from_source_weights_and_trains(trained, tmp_path):
                             sites=['BMC'], source_ckpt={str(source)!r}, image_size=64, encoder={ENCODER!r})
         wf.initialize()
         import sys; sys.path.insert(1, {str(BUNDLES / BUNDLE)!r})
-        fresh = {{k: v.clone() for k, v in wf.parser.get_parsed_content('network_def').state_dict().items()}}
-        net = wf.parser.get_parsed_content('source_weights')
+        net = wf.parser.get_parsed_content('network_def')
+        fresh = {{k: v.clone() for k, v in net.state_dict().items()}}
+        wf.parser.get_parsed_content('train#handlers')[0]()  # what Events.STARTED runs
         saved = torch.load({str(source)!r}, map_location='cpu', weights_only=True)
         loaded = net.state_dict()
+        weights = [k for k in saved if not k.startswith('intensity_')]
         assert loaded.keys() == saved.keys()
-        assert all(torch.equal(loaded[k], saved[k]) for k in saved), 'initial weights differ from the source'
-        assert not all(torch.equal(fresh[k], saved[k]) for k in saved), 'a fresh network already equals the source?'
+        assert all(torch.equal(loaded[k], saved[k]) for k in weights), 'initial weights differ from the source'
+        assert not all(torch.equal(fresh[k], saved[k]) for k in weights), 'a fresh network already equals the source?'
+        stats = wf.parser.get_parsed_content('train#dataset').intensity_stats()  # the new site's standardisation
+        assert abs(float(loaded['intensity_mean']) - stats['mean']) <= 1e-4 * abs(stats['mean'])
         print('INITIAL_WEIGHTS_EQUAL_SOURCE')
         """
     )

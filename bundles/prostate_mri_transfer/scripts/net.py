@@ -13,13 +13,14 @@ from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
+from ignite.engine import Events
 from torch import nn
 
 from shared_transforms.utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProstateSegNet", "load_weights"]
+__all__ = ["InitialState", "ProstateSegNet", "load_weights"]
 
 #: ImageNet classifier layers that published encoder checkpoints carry and smp's encoders drop
 _CLASSIFIER_HEADS = {"fc", "_fc", "classifier", "head", "last_linear"}
@@ -130,3 +131,43 @@ def load_weights(network: nn.Module, path: str, strict: bool = True) -> nn.Modul
     target.load_state_dict(state, strict=strict)
     logger.info("initialised the network from %s", path)
     return network
+
+
+class InitialState:
+    """Puts the network in its starting state when the trainer first starts (``Events.STARTED``).
+
+    In this order: the whole network from ``init_weights`` (a previous stage's ``models/model.pt``,
+    the transfer step that ``finetune.json`` turns on), then the training set's intensity mean
+    and std into the standardisation buffers. Only on the trainer's first start: a trainer that
+    is run again (once per federated round) keeps its state. List it before the resume loader, so
+    that a resumed run ends with its checkpoint's state. ``compute_intensity_stats=False`` keeps
+    the buffers: federated training sets them from every site's sums
+    (:meth:`shared_transforms.datasets.SliceDataset.intensity_sums`).
+
+    Args:
+        network: the :class:`ProstateSegNet` (``@network_def``; a DDP wrapper is unwrapped).
+        dataset: the training :class:`shared_transforms.datasets.SliceDataset`.
+        init_weights: a ``state_dict`` file to start from, or ``None``.
+        compute_intensity_stats: set the standardisation from ``dataset``.
+    """
+
+    def __init__(
+        self, network: nn.Module, dataset, init_weights: str | None = None, compute_intensity_stats: bool = True
+    ) -> None:
+        self.network = network
+        self.dataset = dataset
+        self.init_weights = init_weights
+        self.compute_intensity_stats = bool(compute_intensity_stats)
+        self._done = False
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine=None) -> None:
+        if self._done:
+            return
+        if self.init_weights:
+            load_weights(self.network, self.init_weights)
+        if self.compute_intensity_stats:
+            unwrap_model(self.network).set_intensity_stats(**self.dataset.intensity_stats())
+        self._done = True
