@@ -155,11 +155,22 @@ class ProstateFLController(BaseFedAvg):
             r.meta["client_name"] = site
             results.append(r)
         aggregated = self.aggregate(results).params
-        # integer buffers (BatchNorm's num_batches_tracked) come back as float means
-        return {k: np.asarray(v).astype(np.asarray(params[k]).dtype) for k, v in aggregated.items()}
+        if not aggregated:
+            raise RuntimeError(f"round {self.current_round}: FedAvg aggregation of {sites} failed (see the server log)")
+        out = {}
+        for k, v in aggregated.items():
+            dtype = np.asarray(params[k]).dtype
+            v = np.asarray(v)  # integer buffers (BatchNorm's num_batches_tracked) come back as float means
+            out[k] = (np.rint(v) if np.issubdtype(dtype, np.integer) else v).astype(dtype)
+        return out
 
     def run(self) -> None:
-        sites = self.sites or sorted(self.sample_clients())
+        connected = self.sample_clients()
+        sites = self.sites or sorted(connected)
+        missing = sorted(set(sites) - set(connected))
+        if missing:  # a task for a client that does not exist would wait for ever
+            raise RuntimeError(f"sites {missing} are not connected clients ({sorted(connected)}): name the FLARE "
+                               "clients after the job's `sites`, or edit `sites` in config_fed_server.json")
         self.metrics = {"workflow": self.workflow, "sites": sites, "num_rounds": self.num_rounds,
                         "order": self.order, "rounds": [], "orders": []}
         self.current_round = 0

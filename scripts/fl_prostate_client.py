@@ -14,7 +14,8 @@ push the new global weights the old local way.
 
 Paths may be given by environment variables instead (a real site sets them; they win over the
 arguments, which hold the paths of the machine that exported the job):
-``PROSTATE_FL_BUNDLE_ROOT``, ``PROSTATE_FL_DATASET_DIR``, ``PROSTATE_FL_WORK_DIR``.
+``PROSTATE_FL_BUNDLE_ROOT``, ``PROSTATE_FL_DATASET_DIR``, ``PROSTATE_FL_WORK_DIR`` and
+``PROSTATE_FL_DATA_SITE`` (the site's folder under the dataset root, default its client name).
 
     python fl_prostate_client.py --bundle_root B --dataset_dir D --work_dir W --local_epochs 1 --rounds 2 \
         --image_size 64        # any further flag is a train.json override
@@ -28,12 +29,15 @@ import sys
 from pathlib import Path
 
 import fire
-import torch
 
 logger = logging.getLogger("prostate_fl.client")
 
 ENV = {"bundle_root": "PROSTATE_FL_BUNDLE_ROOT", "dataset_dir": "PROSTATE_FL_DATASET_DIR",
-       "work_dir": "PROSTATE_FL_WORK_DIR"}
+       "work_dir": "PROSTATE_FL_WORK_DIR", "data_site": "PROSTATE_FL_DATA_SITE"}
+
+#: train.json keys that federated training sets itself (see `fl_owned` in main)
+FL_OWNED = ("bundle_root", "dataset_dir", "sites", "epochs", "resume", "compute_intensity_stats", "init_weights",
+            "val_interval")
 
 
 def _site_algo_class():
@@ -98,6 +102,12 @@ def main(
     from monai.fl.utils.exchange_object import ExchangeObject
     from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
+    clash = sorted(set(overrides) & set(FL_OWNED))
+    if clash:
+        raise SystemExit(f"fl_prostate_client: {clash} are set by federated training itself and cannot be overridden "
+                         "(paths: --bundle_root/--dataset_dir/--work_dir; a start model: --initial_ckpt of the job)")
+    import torch  # after the argument checks: a refused call returns at once
+
     if threads:
         torch.set_num_threads(int(threads))
     flare.init()
@@ -107,18 +117,21 @@ def main(
     # the site's own log (FLARE shows this process's output only on its console)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(work / "fl_client.log")])
-    folder = data_site or site
+    folder = os.environ.get(ENV["data_site"]) or data_site or site
     sys.path.insert(1, str(bundle))  # the bundle's own `scripts` package (scripts.net, scripts.data)
     from scripts.data import site_folder
 
     logger.info("site %s: reads only %s; outputs in %s", site, data / site_folder(folder), work)
     epochs = int(rounds) * int(local_epochs)
-    train_overrides = {
+    fl_owned = {
         "bundle_root": str(work), "dataset_dir": str(data), "sites": [folder], "epochs": epochs,
-        "resume": False, "compute_intensity_stats": False,  # the server sets the pooled statistics
+        "resume": False,  # a round starts from the global model, never from a local checkpoint
+        "compute_intensity_stats": False,  # the server sets the pooled statistics
+        "init_weights": None,  # would overwrite the global weights at the first round (use --initial_ckpt)
         "val_interval": epochs + 1,  # validation is the server's `validate` task, on the global model
-        **overrides,
     }
+    assert set(fl_owned) == set(FL_OWNED)
+    train_overrides = {**overrides, **fl_owned}
     algo = _site_algo_class()(
         bundle_root=str(work), local_epochs=int(local_epochs), send_weight_diff=False,
         config_train_filename=str(bundle / "configs" / "train.json"), train_kwargs=train_overrides,

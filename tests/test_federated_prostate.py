@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import random
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -129,6 +131,13 @@ def test_cyclic_visits_every_site_in_a_random_order_each_round(tmp_path, data):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["workflow"] == "cyclic" and len(metrics["orders"]) == 2
     assert all(sorted(order) == sorted(SITES) for order in metrics["orders"])
+    # seeded: the order of round r is SITES shuffled by random.Random(seed * 100003 + r), not the fixed one
+    expected = []
+    for r in range(2):
+        order = list(SITES)
+        random.Random(3 * 100003 + r).shuffle(order)
+        expected.append(order)
+    assert metrics["orders"] == expected and expected != [SITES, SITES]
     assert len(list(csv.DictReader(open(out / "val_dice.csv")))) == 2 * len(SITES)
 
 
@@ -146,12 +155,21 @@ def test_fedavg_round_weights_sites_by_training_slices_and_keeps_the_statistics(
     ctl.current_round = 0
     a = {"w": np.array([0.0, 4.0], np.float32), "n": np.array(10, np.int64), "intensity_mean": np.array(5.0, np.float32),
          "intensity_std": np.array(2.0, np.float32)}
-    b = {"w": np.array([8.0, 0.0], np.float32), "n": np.array(14, np.int64), "intensity_mean": np.array(1.0, np.float32),
+    b = {"w": np.array([8.0, 0.0], np.float32), "n": np.array(15, np.int64), "intensity_mean": np.array(1.0, np.float32),
          "intensity_std": np.array(9.0, np.float32)}
     ctl._ask = lambda task, params, targets, meta=None: {"S1": FLModel(params=a, meta={"site": "S1"}),
                                                              "S2": FLModel(params=b, meta={"site": "S2"})}
     ctl.aggregate = BaseFedAvg.aggregate_fn
     params = ctl._set_stats(ctl.fedavg_round(dict(a), ["S1", "S2"]))
     np.testing.assert_allclose(params["w"], [6.0, 1.0])
-    assert params["n"].dtype == np.int64 and int(params["n"]) == 13
+    assert params["n"].dtype == np.int64 and int(params["n"]) == 14  # 13.75 rounded, not truncated
     assert float(params["intensity_mean"]) == 5.0 and float(params["intensity_std"]) == 2.0
+
+
+def test_client_refuses_overrides_that_would_undo_federated_training(tmp_path):
+    """A site's --resume / --init_weights / --sites ... would replace the global model or read other folders."""
+    client = REPO / "scripts" / "fl_prostate_client.py"
+    for flag, value in (("resume", "True"), ("init_weights", "/x/model.pt"), ("sites", "['BMC']")):
+        proc = subprocess.run([sys.executable, str(client), f"--{flag}", value], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode != 0 and f"['{flag}'] are set by federated training itself" in proc.stderr, proc.stderr
