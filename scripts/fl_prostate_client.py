@@ -97,16 +97,16 @@ def main(
         threads: torch CPU threads (0: torch's default).
         overrides: further ``train.json`` overrides as their own flags, e.g. ``--image_size 64``.
     """
-    import nvflare.client as flare
-    from monai.fl.utils.constants import ExtraItems
-    from monai.fl.utils.exchange_object import ExchangeObject
-    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-
     clash = sorted(set(overrides) & set(FL_OWNED))
     if clash:
         raise SystemExit(f"fl_prostate_client: {clash} are set by federated training itself and cannot be overridden "
                          "(paths: --bundle_root/--dataset_dir/--work_dir; a start model: --initial_ckpt of the job)")
-    import torch  # after the argument checks: a refused call returns at once
+    # imported after the argument checks: a refused call returns at once
+    import nvflare.client as flare
+    import torch
+    from monai.fl.utils.constants import ExtraItems
+    from monai.fl.utils.exchange_object import ExchangeObject
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
     if threads:
         torch.set_num_threads(int(threads))
