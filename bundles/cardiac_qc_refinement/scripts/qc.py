@@ -338,7 +338,9 @@ class QCInferer:
     def measures(self, soft: torch.Tensor, z_ratio: float = 1.0) -> dict[str, dict[str, float]]:
         """pDC and pHD (pixels of the network grid and mm) per class between the prediction and R's reconstruction."""
         recon = self.reconstruct(soft)
-        pred_lab, rec_lab = soft.argmax(1).numpy(), recon.argmax(1).numpy()  # Z, S, S
+        # NumPy's argmax (first maximum on ties, as torch's): torch's CPU argmax over the channel axis
+        # of a (Z, C, S, S) tensor is strided and took 10× longer (120 ms of a 10 × 256² volume)
+        pred_lab, rec_lab = soft.numpy().argmax(1), recon.numpy().argmax(1)  # Z, S, S
         px = (z_ratio, 1.0, 1.0)
         mm = (z_ratio * self.target_spacing[0], self.target_spacing[0], self.target_spacing[1])
         # isotropic in-plane grid: mm spacing = px spacing × one factor, and so is every Euclidean distance
