@@ -1,5 +1,5 @@
-"""Checks and conversion of 2D image files (PNG/JPEG/TIFF): :class:`ImageCheck` decodes one frame
-(milliseconds) and names what is wrong; :func:`to_rgb8` is the PIL converter that makes RGBA, grey,
+"""Checks and conversion of 2D image files (PNG/JPEG/TIFF): :class:`ImageCheck` reads one frame's
+structure (a PNG's chunks, a JPEG's end marker; other formats are decoded) and names what is wrong; :func:`to_rgb8` is the PIL converter that makes RGBA, grey,
 palette and 16-bit images 8-bit RGB (``LoadImaged(converter=...)``).
 """
 
@@ -37,12 +37,41 @@ def _rgb_fix(mode: str) -> str | None:
     return f"{mode} image (grey, palette or other colour model): converted to RGB"
 
 
+def _complete_without_decoding(im, path: Path) -> bool:
+    """Whether ``im`` (just opened) is shown complete by its file structure, without decoding the pixels.
+
+    PNG: PIL's ``verify`` walks every chunk to IEND and checks its CRC (a fraction of a millisecond where
+    decoding a frame takes milliseconds). JPEG: the file ends with
+    the end-of-image marker (a truncated file does not; the marker cannot occur inside entropy-coded data).
+    Anything else, a PNG that ``verify`` rejects, or a JPEG with trailing bytes, returns False: the frame is
+    then decoded, and the decoder's verdict is the check's, so a file passes or fails as when every frame
+    was decoded.
+    """
+    if im.format == "PNG":
+        try:
+            im.verify()
+        except Exception:  # decoding decides (a PNG cut inside its IEND chunk still decodes, as it did before)
+            return False
+        return True
+    if im.format == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 64))
+            return f.read().endswith(b"\xff\xd9")
+    return False
+
+
 class ImageCheck(FileCheck):
-    """Check one 2D image file (PNG/JPEG/TIFF) by decoding it (milliseconds per frame).
+    """Check one 2D image file (PNG/JPEG/TIFF) without the network's work: header, size and structure.
 
     Raises :class:`InputError` for a missing or empty file, a file PIL cannot identify ("not an
     image file"), a truncated or corrupt file, or a size below ``min_size``. Returns a warning
     for images that :func:`to_rgb8` converts (RGBA, grey, palette, 16-bit).
+
+    PNG and JPEG files are checked by their structure (:func:`_complete_without_decoding`), so that an
+    inference run does not decode every frame twice (once screening, once loading); other formats, and
+    files whose structure does not show them complete, are decoded. A file whose structure is intact but
+    whose compressed pixel data is corrupt fails when it is loaded, and is skipped then with the reader's
+    words.
     """
 
     def __init__(self, what: str = "RGB image", min_size: int = MIN_INPUT_SIZE) -> None:
@@ -56,8 +85,11 @@ class ImageCheck(FileCheck):
             raise InputError(path, problem)
         try:
             with Image.open(path) as im:
-                im.load()
                 mode, size, frames = im.mode, im.size, getattr(im, "n_frames", 1)
+                complete = _complete_without_decoding(im, path)
+            if not complete:
+                with Image.open(path) as im:  # verify leaves the image unusable: open it again to decode
+                    im.load()
         except UnidentifiedImageError as e:
             raise InputError(path, f"not an image file (unrecognised format; one {self.what} expected)") from e
         except (OSError, SyntaxError, ValueError) as e:  # PIL: "image file is truncated", broken chunks, ...

@@ -133,12 +133,13 @@ class CheckIntensity(Transform):
 
     ``__call__(img) -> (img, constant)``: ``img`` (channel first) with every NaN/±inf replaced (the
     same tensor when there are none), ``constant`` True when every pixel has the same value in
-    each channel (a flat colour frame too). ``name`` is the file named in the warnings.
+    each channel (a flat colour frame too). ``name`` is the file named in the warnings. Integer images
+    (8-bit frames as read) are checked as they are: run it before the conversion to float.
     """
 
     def __call__(self, img: torch.Tensor, name: str = "image") -> tuple[torch.Tensor, bool]:
-        finite = torch.isfinite(img)
-        if not bool(finite.all()):
+        finite = torch.isfinite(img) if img.is_floating_point() else None  # integers are always finite
+        if finite is not None and not bool(finite.all()):
             bad = int((~finite).sum())
             fill = float(img[finite].min()) if bool(finite.any()) else 0.0
             img = torch.where(finite, img, torch.as_tensor(fill, dtype=img.dtype))

@@ -120,6 +120,46 @@ def test_truncation_is_found_without_decompressing_good_files(corpora, monkeypat
     assert sum(read) > 0  # only a mismatching trailer costs a decompression
 
 
+def test_frames_are_checked_by_their_structure_without_decoding_pixels(corpora, monkeypatch, tmp_path):
+    """PNG and JPEG frames that pass are never decoded by the check (the loader decodes each once); a truncated
+    PNG or JPEG is still found (a file the structure does not vouch for is decoded, as before), and an
+    intact-looking file whose pixel data is corrupt is found by the loader with the file named."""
+    from PIL import ImageFile
+
+    folder, expected = corpora["rgb"]
+    decoded = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.format) or real(self))
+    good = [n for n, status in expected.items() if status != "skipped" and n.endswith((".png", ".jpg"))]
+    assert {"good.png", "bön frame 2.jpg"} <= set(good)
+    for name in good:
+        ImageCheck()(folder / name)
+    assert decoded == [], f"the check decoded {decoded}"
+    with pytest.raises(InputError, match="truncated image file"):
+        ImageCheck()(folder / "truncated.jpg")
+    data = (folder / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])  # cut inside the pixel data
+    with pytest.raises(InputError, match="truncated image file"):
+        ImageCheck()(tmp_path / "cut.png")
+    (tmp_path / "no_end.png").write_bytes(data[:-5])  # cut inside IEND: every pixel is there, and it decodes
+    decoded.clear()
+    assert ImageCheck()(tmp_path / "no_end.png") == [] and decoded == ["PNG"]
+    # flip pixel-data bytes and fix the chunk's CRC: the structure is intact, the zlib stream is not
+    import struct
+    import zlib
+
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start:start + 4])[0]
+    body = bytearray(data[start + 8:start + 8 + length])
+    body[2:] = bytes(b ^ 0x5A for b in body[2:])
+    chunk = b"IDAT" + bytes(body)
+    broken = data[:start + 4] + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[start + 12 + length:]
+    (tmp_path / "corrupt.png").write_bytes(broken)
+    assert ImageCheck()(tmp_path / "corrupt.png") == []
+    with pytest.raises(InputError, match=r"corrupt\.png: cannot read"):
+        LoadCheckedImaged("image", check=ImageCheck(), reader="PILReader")({"image": str(tmp_path / "corrupt.png")})
+
+
 def test_monai_label_loading_names_the_file_and_the_next_request_works(corpora):
     """MONAI Label runs the bundle's preprocessing per request: a bad file raises one message naming it."""
     from monai.bundle import ConfigParser
