@@ -2,12 +2,14 @@
 
 1. training iteration: the bundle's SupervisedTrainer iteration (prepare batch, forward, loss,
    backward, step, post-processing, metric) ÷ a hand-written PyTorch loop on the same network
-   and the same batch;
+   and the same batch, timed in pairs after a warm-up epoch (each hand step right after a bundle
+   iteration: bench_utils.training_iteration_ratio);
 2. data loading: epoch 2 ÷ epoch 1 of the training data pipeline (epoch 1 runs N4 on every
    volume and fills the cache; epoch 2 reads cached slices), plus a new dataset built from the
    warm on-disk cache (what a second run or a fine-tuning stage pays);
 3. inference: one volume through the bundle's inferer (inference.json: SliceInferer, 16 slices per
-   batch) ÷ the same with one slice at a time;
+   batch) ÷ the same with one slice at a time, beside the bare network's own ratio (the slices as
+   one batch ÷ one at a time, no inferer);
 4. N4: seconds per volume at the bundle's default settings ÷ at full resolution (shrink 1),
    and the mean relative intensity difference between the two corrected volumes inside the
    gland.
@@ -66,8 +68,10 @@ def bench_data_loading(work: Path, data: Path, image_size: int) -> dict:
 
 def bench_inference(work: Path, data: Path, image_size: int, encoder: str, repeat: int) -> dict:
     """The bundle's inferer (inference.json: slices batched by 16) ÷ MONAI's SliceInferer one slice at a time,
-    after checking that both give the same logits."""
+    after checking that both give the same logits; beside it, the bare network on the same slices as one
+    batch ÷ one at a time (what batching can gain on this machine, with no inferer around it)."""
     from monai.inferers import SliceInferer
+    from monai.utils import convert_to_tensor
 
     wf = workflow(BUNDLE_ROOT, ["inference.json"], bundle_root=str(work), dataset_dir=str(data / "RUNMC"),
                   image_size=image_size, encoder=encoder)
@@ -82,10 +86,15 @@ def bench_inference(work: Path, data: Path, image_size: int, encoder: str, repea
         # same logits up to float reassociation of batched convolutions
         rel = float((out_b - out_s).abs().max() / out_s.abs().max())
         assert rel < 1e-4, f"batched and per-slice inference disagree (max relative difference {rel:.2e})"
+        # (slices, channel, H, W) as a plain tensor, as MONAI's inferers hand the network its windows
+        slices = convert_to_tensor(volume, track_meta=False)[0].permute(3, 0, 1, 2).contiguous()
         t_b = timeit(lambda: bundle(volume, network), repeat)
         t_s = timeit(lambda: single(volume, network), repeat)
+        bare_b = timeit(lambda: network(slices), repeat)
+        bare_s = timeit(lambda: [network(slices[i:i + 1]) for i in range(n_slices)], repeat)
     return {"batched_s": t_b, "per_slice_s": t_s, "ratio": t_b / t_s, "slices": n_slices,
-            "inferer": f"{type(bundle).__name__} (sw_batch_size {bundle.sw_batch_size})"}
+            "inferer": f"{type(bundle).__name__} (sw_batch_size {bundle.sw_batch_size})",
+            "bare_batched_s": bare_b, "bare_per_slice_s": bare_s, "bare_ratio": bare_b / bare_s}
 
 
 def bench_n4(work: Path, shape: tuple[int, int, int]) -> dict:
@@ -112,8 +121,9 @@ def bench_n4(work: Path, shape: tuple[int, int, int]) -> dict:
 
 
 def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int = 16,
-         repeat: int = 5, n4_shape: tuple = (320, 320, 20), cases_per_site: int = 6, phantom_shape: tuple = (64, 64, 16)) -> None:
-    """Run the four benchmarks and print their ratios.
+         repeat: int = 5, n4_shape: tuple = (320, 320, 20), cases_per_site: int = 6, phantom_shape: tuple = (64, 64, 16),
+         parts: tuple = ("data", "train", "infer", "n4")) -> None:
+    """Run the four benchmarks (or those named in ``parts``) and print their ratios.
 
     Args:
         image_size: slice size the network sees.
@@ -123,7 +133,12 @@ def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int
         n4_shape: phantom volume for the N4 benchmark (a real T2 volume is about 320×320×20).
         cases_per_site: phantom cases per site for the training/data-loading benchmarks.
         phantom_shape: phantom volume shape for those benchmarks.
+        parts: which of data, train, infer, n4 to run (e.g. ``--parts train,infer``).
     """
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    unknown = set(parts) - {"data", "train", "infer", "n4"}
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}: choose from data, train, infer, n4")
     torch.manual_seed(0)
     sys.path.insert(0, str(BUNDLE_ROOT))  # the bundle's scripts package, as the MONAI CLI would add it
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,20 +149,27 @@ def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int
         print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
               f"device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
         results = {}
-        results["data"] = d = bench_data_loading(work, data, image_size)
-        print(f"[data]      epoch 1 {d['epoch1_s']:.2f} s (N4 + cache fill, {d['volumes']} volumes, {d['slices']} slices), "
-              f"epoch 2 {d['epoch2_s']:.3f} s -> epoch-2 / epoch-1 = {d['ratio']:.4f}; "
-              f"new run on the warm disk cache {d['warm_disk_s']:.2f} s ({d['warm_ratio']:.3f} of epoch 1)")
-        results["train"] = t = bench_training(work, data, image_size, encoder, batch_size)
-        print(f"[train]     batch {t['batch']}: bundle iteration {t['bundle_iter_s']:.3f} s, hand-written loop "
-              f"{t['hand_iter_s']:.3f} s (medians of {t['iters']} full batches) -> bundle / hand = {t['ratio']:.3f}")
-        results["infer"] = i = bench_inference(work, data, image_size, encoder, repeat)
-        print(f"[inference] one volume of {i['slices']} slices: bundle's {i['inferer']} {i['batched_s']:.3f} s, "
-              f"one slice at a time {i['per_slice_s']:.3f} s -> batched / per-slice = {i['ratio']:.3f}")
-        results["n4"] = n = bench_n4(work, tuple(n4_shape))
-        print(f"[n4]        volume {n['shape']}: default (shrink {n['default_shrink']}) {n['default_s']:.1f} s, full resolution "
-              f"{n['full_s']:.1f} s -> default / full = {n['ratio']:.3f}; mean relative gland intensity difference "
-              f"{100 * n['mean_rel_diff']:.2f} %")
+        if "data" in parts:
+            results["data"] = d = bench_data_loading(work, data, image_size)
+            print(f"[data]      epoch 1 {d['epoch1_s']:.2f} s (N4 + cache fill, {d['volumes']} volumes, {d['slices']} slices), "
+                  f"epoch 2 {d['epoch2_s']:.3f} s -> epoch-2 / epoch-1 = {d['ratio']:.4f}; "
+                  f"new run on the warm disk cache {d['warm_disk_s']:.2f} s ({d['warm_ratio']:.3f} of epoch 1)")
+        if "train" in parts:
+            results["train"] = t = bench_training(work, data, image_size, encoder, batch_size)
+            print(f"[train]     batch {t['batch']}: bundle iteration {t['bundle_iter_s']:.3f} s, hand-written loop "
+                  f"{t['hand_iter_s']:.3f} s (medians of {t['iters']} pairs, each hand step right after a bundle iteration) -> "
+                  f"bundle / hand = {t['ratio']:.3f} (median of the pairs' ratios {t['pair_ratio_median']:.3f})")
+        if "infer" in parts:
+            results["infer"] = i = bench_inference(work, data, image_size, encoder, repeat)
+            print(f"[inference] one volume of {i['slices']} slices: bundle's {i['inferer']} {i['batched_s']:.3f} s, "
+                  f"one slice at a time {i['per_slice_s']:.3f} s -> batched / per-slice = {i['ratio']:.3f}; bare network, "
+                  f"one batch {i['bare_batched_s']:.3f} s, one slice at a time {i['bare_per_slice_s']:.3f} s -> "
+                  f"{i['bare_ratio']:.3f}")
+        if "n4" in parts:
+            results["n4"] = n = bench_n4(work, tuple(n4_shape))
+            print(f"[n4]        volume {n['shape']}: default (shrink {n['default_shrink']}) {n['default_s']:.1f} s, full resolution "
+                  f"{n['full_s']:.1f} s -> default / full = {n['ratio']:.3f}; mean relative gland intensity difference "
+                  f"{100 * n['mean_rel_diff']:.2f} %")
     return None
 
 

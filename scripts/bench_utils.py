@@ -154,22 +154,48 @@ def ratio_to_hand(timer: IterationTimer, batch_size: int, step, device, iters: i
     return {"bundle_iter_s": b, "hand_iter_s": h, "ratio": b / h, "iters": len(full)}
 
 
-def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = ()) -> dict:
-    """Bundle ``SupervisedTrainer`` iteration ÷ a hand-written PyTorch step, same network, batch and AMP setting.
+def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = (), warmup_epochs: int = 1,
+                             epochs: int = 4) -> dict:
+    """Bundle ``SupervisedTrainer`` iteration ÷ a hand-written PyTorch step, same network, batch and AMP setting,
+    measured in pairs.
 
-    The bundle side is timed by :class:`IterationTimer` over two epochs of full batches (the first
-    iteration left out), the hand side over as many steps after one warm-up.
+    The trainer runs ``warmup_epochs + epochs`` epochs. After each full-batch iteration of the timed epochs
+    (:class:`IterationTimer`: ITERATION_STARTED to the end of the bundle's ITERATION_COMPLETED handlers), one
+    hand-written step (:func:`trainer_hand_step`, on the loader's first batch) is timed right after it, outside
+    the bundle's span. Pairing keeps both sides on the same warm process and the same minute of the machine:
+    timed one after the other, the first epoch's allocations fell on the bundle side only and minutes of
+    drift on a shared VM moved the ratio by more than the overhead being measured. The hand steps update the
+    same network and optimiser (the training run is a benchmark, not a result).
     ``before_run``: config ids to evaluate first (as the bundle's ``run`` does, e.g. a transfer
     initialisation).
     """
+    from ignite.engine import Events
+
     for item in before_run:
         wf.parser.get_parsed_content(item)
     trainer = wf.parser.get_parsed_content("train#trainer")
-    trainer.state.max_epochs = 2
+    trainer.state.max_epochs = warmup_epochs + epochs
     device = wf.parser.get_parsed_content("device")
+    batch = next(iter(trainer.data_loader))
+    step = trainer_hand_step(trainer, device, batch=batch)
     timer = IterationTimer(device)
     timer.attach(trainer)
+    pairs: list[tuple[float, float]] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def paired_hand_step(engine):
+        record = timer.records[-1]
+        if record["epoch"] <= warmup_epochs or record["images"] != batch_size:
+            return
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        pairs.append((record["seconds"], time.perf_counter() - start))
+
     trainer.run()
-    batch = next(iter(trainer.data_loader))
-    result = ratio_to_hand(timer, batch_size, trainer_hand_step(trainer, device, batch=batch), device)
-    return {**result, "batch": tuple(batch["image"].shape)}
+    if not pairs:
+        raise ValueError(f"no full batch of {batch_size}: use more data or a smaller batch")
+    b, h = (float(np.median(x)) for x in zip(*pairs))
+    return {"bundle_iter_s": b, "hand_iter_s": h, "ratio": b / h, "iters": len(pairs),
+            "pair_ratio_median": float(np.median([x / y for x, y in pairs])), "batch": tuple(batch["image"].shape)}
