@@ -65,7 +65,7 @@ def images_per_second(net: torch.nn.Module, batch: int, size: int, repeat: int) 
 def bundle_inference_ratio(student: torch.nn.Module, n_images: int, frame_size: tuple[int, int], size: int,
                            repeat: int) -> dict:
     """Bundle inference per image (inference.json: screening, loading, preprocessing, network, post-processing,
-    mask written, report) ÷ bare forward of one 352² image. The run's start-up (loading the checkpoint, once
+    mask written, the frame's report entry) ÷ bare forward of one 352² image. The run's start-up (loading the checkpoint, once
     per run, not per frame) is timed apart."""
     from ignite.engine import Events
     from monai.data import MetaTensor

@@ -177,10 +177,14 @@ def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = 
     trainer.state.max_epochs = warmup_epochs + epochs
     device = wf.parser.get_parsed_content("device")
     batch = next(iter(trainer.data_loader))
-    step = trainer_hand_step(trainer, device, batch=batch)
+    steps = []  # the hand step, built when the run starts: MONAI's Trainer.run() creates the AMP scaler it copies
     timer = IterationTimer(device)
     timer.attach(trainer)
     pairs: list[tuple[float, float]] = []
+
+    @trainer.on(Events.STARTED)
+    def build_hand_step(engine):
+        steps.append(trainer_hand_step(trainer, device, batch=batch))
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def paired_hand_step(engine):
@@ -189,7 +193,7 @@ def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = 
             return
         synchronize(device)
         start = time.perf_counter()
-        step()
+        steps[-1]()
         synchronize(device)
         pairs.append((record["seconds"], time.perf_counter() - start))
 

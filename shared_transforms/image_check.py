@@ -44,8 +44,10 @@ def _complete_without_decoding(im, path: Path) -> bool:
     decoding a frame takes milliseconds). JPEG: the file ends with
     the end-of-image marker (a truncated file does not; the marker cannot occur inside entropy-coded data).
     Anything else, a PNG that ``verify`` rejects, or a JPEG with trailing bytes, returns False: the frame is
-    then decoded, and the decoder's verdict is the check's, so a file passes or fails as when every frame
-    was decoded.
+    then decoded, and the decoder's verdict is the check's. A file whose structure is intact but whose
+    compressed pixel data is corrupt (valid CRCs over bad deflate data, a damaged JPEG scan) passes here and
+    is rejected when it is loaded (:class:`~shared_transforms.inputs.LoadCheckedImaged`: "cannot read",
+    naming the file), so it is skipped during the run instead of at screening.
     """
     if im.format == "PNG":
         try:
