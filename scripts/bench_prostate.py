@@ -33,6 +33,7 @@ from bench_utils import timeit, training_iteration_ratio, workflow
 from bundle_cli import BUNDLES, make_phantoms
 
 BUNDLE_ROOT = BUNDLES / "prostate_mri_transfer"
+PARTS = ("data", "train", "infer", "n4")  # the four benchmarks, in the order they run
 
 
 def bench_training(work: Path, data: Path, image_size: int, encoder: str, batch_size: int) -> dict:
@@ -122,7 +123,7 @@ def bench_n4(work: Path, shape: tuple[int, int, int]) -> dict:
 
 def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int = 16,
          repeat: int = 5, n4_shape: tuple = (320, 320, 20), cases_per_site: int = 6, phantom_shape: tuple = (64, 64, 16),
-         parts: tuple = ("data", "train", "infer", "n4")) -> None:
+         parts: tuple = PARTS) -> None:
     """Run the four benchmarks (or those named in ``parts``) and print their ratios.
 
     Args:
@@ -136,9 +137,9 @@ def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int
         parts: which of data, train, infer, n4 to run (e.g. ``--parts train,infer``).
     """
     parts = (parts,) if isinstance(parts, str) else tuple(parts)
-    unknown = set(parts) - {"data", "train", "infer", "n4"}
+    unknown = set(parts) - set(PARTS)
     if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}: choose from data, train, infer, n4")
+        raise ValueError(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
     torch.manual_seed(0)
     sys.path.insert(0, str(BUNDLE_ROOT))  # the bundle's scripts package, as the MONAI CLI would add it
     with tempfile.TemporaryDirectory() as tmp:

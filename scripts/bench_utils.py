@@ -20,6 +20,15 @@ def timeit(fn, repeat: int, warmup: int = 1) -> float:
     return float(np.median(times))
 
 
+def timed_call(fn, device) -> float:
+    """Wall time of one ``fn()`` on ``device``, its queued GPU work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def workflow(bundle_dir: Path, config_files: list[str], **overrides):
     """A bundle's ConfigWorkflow, initialised, as the MONAI CLI builds it (logging left alone)."""
     from monai.bundle import ConfigWorkflow
@@ -141,15 +150,8 @@ def ratio_to_hand(timer: IterationTimer, batch_size: int, step, device, iters: i
     if not full:
         raise ValueError(f"no full batch of {batch_size}: use more data or a smaller batch")
 
-    def timed():
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        return time.perf_counter() - start
-
-    timed()  # warm-up
-    hand = [timed() for _ in range(iters or len(full))]
+    timed_call(step, device)  # warm-up
+    hand = [timed_call(step, device) for _ in range(iters or len(full))]
     b, h = float(np.median(full)), float(np.median(hand))
     return {"bundle_iter_s": b, "hand_iter_s": h, "ratio": b / h, "iters": len(full)}
 
@@ -191,11 +193,7 @@ def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = 
         record = timer.records[-1]
         if record["epoch"] <= warmup_epochs or record["images"] != batch_size:
             return
-        synchronize(device)
-        start = time.perf_counter()
-        steps[-1]()
-        synchronize(device)
-        pairs.append((record["seconds"], time.perf_counter() - start))
+        pairs.append((record["seconds"], timed_call(steps[-1], device)))
 
     trainer.run()
     if not pairs:
