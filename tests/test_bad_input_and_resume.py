@@ -181,6 +181,38 @@ def test_monai_label_loading_names_the_file_and_the_next_request_works(corpora):
     assert out["image"].shape[0] == 1 and out["constant_input"] is False
 
 
+def test_polyp_network_input_equals_the_hand_computation(corpora):
+    """The polyp inference preprocessing (8-bit frame, checked, resized to 352², scaled by 1/255 and ImageNet-
+    normalised per channel) gives the network ((bilinear resize of the RGB frame) / 255 - mean) / std, computed
+    here with PIL and torch alone, for an RGB PNG, a JPEG and a grey frame; the resize is the one trace Invertd
+    undoes."""
+    import torch.nn.functional as F
+    from monai.bundle import ConfigParser
+
+    folder, _ = corpora["rgb"]
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "polyp_kdas_student" / "configs" / "inference.json"))
+    parser["bundle_root"] = str(corpora["root"])
+    targets = [t["_target_"] for t in parser["preprocessing"]["transforms"]]
+    # EnsureRGBd (the bundle's scripts) leaves a 3-channel frame as it is: every frame here is one after loading
+    steps = [parser.get_parsed_content(f"preprocessing#transforms#{k}", instantiate=True)
+             for k, target in enumerate(targets) if target != "scripts.data.EnsureRGBd"]
+    size = parser["image_size"]
+    mean = torch.tensor(parser["imagenet_mean"])[:, None, None]
+    std = torch.tensor(parser["imagenet_std"])[:, None, None]
+    for name in ["good.png", "bön frame 2.jpg", "grey8.png"]:
+        item = {"image": str(folder / name)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InputWarning)
+            for step in steps:
+                item = step(item)
+        frame = np.asarray(Image.open(folder / name).convert("RGB"), dtype=np.float32)  # (H, W, 3)
+        x = torch.from_numpy(frame).permute(2, 1, 0)  # MONAI's PILReader: channel first, spatial (W, H)
+        resized = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(item["image"].as_tensor(), (resized / 255 - mean) / std, atol=1e-5, rtol=1e-5)
+        assert [op["class"] for op in item["image"].applied_operations] == ["Resize"], name
+
+
 def test_rgb_loading_through_the_polyp_preprocessing(corpora):
     """What the loader makes of each fixable frame: 3 channels of 8-bit values, the fix announced."""
     from monai.bundle import ConfigParser
