@@ -36,7 +36,17 @@ import time
 from pathlib import Path
 
 import fire
-from bench_utils import IterationTimer, ratio_to_hand, scaler_at, synchronize, timeit, trainer_hand_step, workflow
+from bench_utils import (
+    IterationTimer,
+    clipped_hand_step,
+    kdas_hand_step,
+    plain_hand_step,
+    prepared_hand_step,
+    ratio_to_hand,
+    synchronize,
+    timeit,
+    workflow,
+)
 from bundle_cli import BUNDLES, bundle_cmd, make_phantoms, torchrun_cmd
 
 ORDER = ("prostate_mri_transfer", "polyp_kdas_student", "cardiac_qc_refinement", "liver_ct_mri_transfer")
@@ -139,8 +149,8 @@ class BundleCheck:
     def train(self, stage: str, configs: list[str], batch_size: int, hand=None, **overrides) -> dict:
         """Train ``EPOCHS`` epochs; finite losses, changed weights, images/s, ratio to a hand-written step.
 
-        ``hand(wf, trainer)``: makes the hand-written step (default :func:`~bench_utils.trainer_hand_step`);
-        ``False``: none.
+        ``hand(wf, trainer, device)``: makes the hand-written step (default :func:`~bench_utils.plain_hand_step`;
+        the bundles' own: ``bench_utils.kdas_hand_step``, ``clipped_hand_step``, ``prepared_hand_step``); ``False``: none.
         """
         import torch
         from ignite.engine import Events
@@ -184,13 +194,10 @@ class BundleCheck:
         _check(all(math.isfinite(v) for v in losses), f"{stage}: non-finite loss {losses}")
         _check(changed > 0, f"{stage}: training did not change the weights")
         if hand is not False:
-            step = (hand or self._plain_step)(wf, trainer)
-            result["vs_hand_written"] = ratio_to_hand(timer, batch_size, step, self.device)
+            step = (hand or plain_hand_step)(wf, trainer, self.device)
+            result["vs_hand_written"] = ratio_to_hand(timer, batch_size, step, self.device, trainer.data_loader)
         wf.finalize()
         return result
-
-    def _plain_step(self, wf, trainer):
-        return trainer_hand_step(trainer, self.device)
 
     def evaluate(self, configs: list[str], metrics_json: Path, **overrides) -> dict:
         wf = self._wf(configs, **overrides)
@@ -284,58 +291,17 @@ def _liver(c: BundleCheck, s: dict) -> dict:
     return {}
 
 
-def _polyp_hand_step(c: BundleCheck):
-    """The multi-scale KDAS step written out in plain PyTorch: per rate, resize, student (+ frozen
-    teacher), KDAS loss, scaled backward, unscale, clamp, step."""
-    import torch
-    import torch.nn.functional as F
-
-    def make(wf, trainer):
-        step_fn = wf.parser.get_parsed_content("train#step")  # the bundle's MultiScaleKDStep: sizes, teacher, clip
-        batch = next(iter(trainer.data_loader))
-        device_type = torch.device(c.device).type
-        scaler = scaler_at(c.device, c.amp, trainer.scaler)
-        net, opt, loss_fn = trainer.network, trainer.optimizer, trainer.loss_function
-
-        def step():
-            images, labels = batch["image"].to(c.device), batch["label"].to(c.device)
-            net.train()
-            for size in step_fn.sizes:
-                if size != images.shape[-1] or size != images.shape[-2]:
-                    x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=True)
-                    y = F.interpolate(labels, size=(size, size), mode="bilinear", align_corners=True)
-                else:
-                    x, y = images, labels
-                opt.zero_grad(set_to_none=trainer.optim_set_to_none)
-                with torch.autocast(device_type, enabled=c.amp):
-                    student = net(x)
-                    teacher = None
-                    if step_fn.teacher is not None and loss_fn.needs_teacher:
-                        with torch.no_grad():
-                            teacher = step_fn.teacher(x)
-                    loss = loss_fn(student, y, teacher)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_value_(net.parameters(), step_fn.clip_value)
-                scaler.step(opt)
-                scaler.update()
-
-        return step
-
-    return make
-
-
 def _polyp(c: BundleCheck, s: dict) -> dict:
     import torch
 
     data = _phantoms("polyp", c.out / "data", c.log, **s["phantoms"])
     common = dict(dataset_dir=str(data), **s["net"])
-    c.train("teacher", ["train_teacher.json"], s["batch_size"], hand=_polyp_hand_step(c), **common)
+    c.train("teacher", ["train_teacher.json"], s["batch_size"], hand=kdas_hand_step, **common)
     c.train(
         "student_kd",
         ["train.json"],
         s["batch_size"],
-        hand=_polyp_hand_step(c),
+        hand=kdas_hand_step,
         teacher_ckpt=str(c.root / "models" / "teacher" / "model.pt"),
         **common,
     )
@@ -380,18 +346,9 @@ def _cardiac(c: BundleCheck, s: dict) -> dict:
     data = _phantoms("cardiac", c.out / "data", c.log, **s["phantoms"])
     common = dict(dataset_dir=str(data), augment=False, **s["net"])
 
-    def seg_step(wf, trainer):  # clips the unscaled gradient norm at the config's grad_clip, as the bundle's step
-        return trainer_hand_step(trainer, c.device, clip_norm=wf.parser.get_parsed_content("grad_clip"))
+    c.train("segmenter", ["train.json"], s["batch_size"], hand=clipped_hand_step, **common)
 
-    c.train("segmenter", ["train.json"], s["batch_size"], hand=seg_step, **common)
-
-    def qc_step(wf, trainer):  # R trains on one-hot ground truth: the config's prepare_batch, in the step too
-        def prepare(x, y):
-            return trainer.prepare_batch({"image": x, "label": y}, x.device, False)[:2]
-
-        return trainer_hand_step(trainer, c.device, prepare=prepare)
-
-    c.train("qc_autoencoder", ["train.json", "train_qc.json"], s["batch_size"], hand=qc_step, **common)
+    c.train("qc_autoencoder", ["train.json", "train_qc.json"], s["batch_size"], hand=prepared_hand_step, **common)
     model = c.root / "models" / "model.pt"
     # refinement starts from the last epoch's weights (with its optimiser state), not from the best epoch's model.pt
     before = torch.load(c.root / "models" / "resume" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
