@@ -47,14 +47,15 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def batch_size(batch) -> int:
+def batch_items(batch) -> int:
     """Items in an engine's batch: a dict of batched tensors, or the list of items MONAI decollates it into."""
     return len(batch) if isinstance(batch, (list, tuple)) else len(batch["image"])
 
 
 class IterationTimer:
-    """Wall time of each trainer iteration, ITERATION_STARTED to the end of the ITERATION_COMPLETED
-    handlers (post-processing and metrics included, data loading not), with its batch size and loss.
+    """Wall time of each trainer iteration, from its batch's arrival (GET_BATCH_COMPLETED: the ITERATION_STARTED
+    handlers included) to the end of the ITERATION_COMPLETED handlers (post-processing and metrics included,
+    data loading not), with its batch size and loss.
 
     Attach after the bundle's own handlers so that they are inside the timed span.
     """
@@ -78,17 +79,73 @@ class IterationTimer:
                 {
                     "epoch": e.state.epoch,
                     "seconds": time.perf_counter() - self._t,
-                    "images": batch_size(e.state.batch),
+                    "images": batch_items(e.state.batch),
                     "loss": float(loss),
                 }
             )
 
-        engine.add_event_handler(Events.ITERATION_STARTED, started)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, completed)
 
     def full_batches(self, batch_size: int) -> list[float]:
         """Times of the full batches, the very first iteration (warm-up) left out."""
         return [r["seconds"] for r in self.records[1:] if r["images"] == batch_size]
+
+
+class HandlerTimer:
+    """Wall time of the handlers a bundle iteration runs and no hand-written step does: those on
+    ITERATION_STARTED, MONAI's MODEL_COMPLETED (decollation, post-processing) and ITERATION_COMPLETED (metrics,
+    loggers, progress bars, checkpoint bookkeeping), by handler, summed per iteration.
+
+    :meth:`wrap` replaces each handler attached to those events by a timed call of it (ignite keeps them as
+    ``(handler, args, kwargs)`` in ``engine._event_handlers``); call it when the run starts, once every handler
+    is attached. ``skip``: the benchmark's own handlers. The handlers' sum measures the bundle's per-iteration
+    overhead directly, without the noise of a difference of two whole iterations. The calls are not
+    synchronised (that would stall the bundle's side): on CUDA the figures are the host's time, and kernels a
+    handler queues run after it returns.
+    """
+
+    def __init__(self, skip=()) -> None:
+        self.skip = tuple(skip)
+        self.by_handler: dict[str, list[float]] = {}
+        self._current = 0.0
+
+    def wrap(self, engine) -> None:
+        from ignite.engine import Events
+        from monai.engines.utils import IterationEvents
+
+        for event in (Events.ITERATION_STARTED, IterationEvents.MODEL_COMPLETED, Events.ITERATION_COMPLETED):
+            handlers = engine._event_handlers[event]
+            for i, (fn, args, kwargs) in enumerate(handlers):
+                if not any(fn is s for s in self.skip):
+                    handlers[i] = (self._timed(fn, _handler_name(fn)), args, kwargs)
+
+    def _timed(self, fn, name: str):
+        times = self.by_handler.setdefault(name, [])
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - start
+                times.append(seconds)
+                self._current += seconds
+
+        return timed
+
+    def take(self) -> float:
+        """The handlers' seconds since the last ``take()`` (one iteration's, called once per iteration)."""
+        seconds, self._current = self._current, 0.0
+        return seconds
+
+
+def _handler_name(fn) -> str:
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:  # a bound method: its object's class (a MeanDice, not the Metric base class)
+        return f"{type(owner).__name__}.{fn.__name__}"
+    qualname = getattr(fn, "__qualname__", None)  # a function (a closure: its own name), or a callable object
+    return qualname.split("<locals>.")[-1] if qualname else type(fn).__name__
 
 
 def scaler_at(device, amp: bool, like=None):
@@ -209,7 +266,7 @@ def full_batches(loader, size: int):
     while True:
         found = False
         for batch in loader:
-            if batch_size(batch) == size:
+            if batch_items(batch) == size:
                 found = True
                 yield batch
         if not found:
@@ -249,16 +306,21 @@ def ratio_to_hand(timer: IterationTimer, batch_size: int, step, device, loader, 
 def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = (), warmup_epochs: int = 1,
                              epochs: int = 4, hand=None) -> dict:
     """Bundle ``SupervisedTrainer`` iteration ÷ an iteration of a hand-written PyTorch loop, same network,
-    loader, batch size and AMP setting, measured in pairs.
+    loader, batch size and AMP setting, measured in pairs, and the bundle's own handlers timed directly.
 
-    The trainer runs ``warmup_epochs + epochs`` epochs. After each full-batch iteration of the timed epochs
-    (:class:`IterationTimer`: ITERATION_STARTED to the end of the bundle's ITERATION_COMPLETED handlers), one
-    hand-written iteration (:func:`hand_loop_step`: its next batch from the same loader, then the step, only
-    the step timed) runs right after it, outside the bundle's span. Pairing keeps both sides on the same warm
-    process and the same minute of the machine: timed one after the other, the first epoch's allocations fell
-    on the bundle side only and minutes of drift on a shared VM moved the ratio by more than the overhead
-    being measured. The hand steps update the same network and optimiser (the training run is a benchmark,
-    not a result).
+    The trainer runs ``warmup_epochs + epochs`` epochs. Each full-batch iteration of the timed epochs
+    (:class:`IterationTimer`: its batch's arrival to the end of the bundle's ITERATION_COMPLETED handlers) is
+    paired with one hand-written iteration (:func:`hand_loop_step`: its next batch from the same loader, then
+    the step, only the step timed), outside the bundle's span, run in turn right before the bundle's iteration
+    (once its batch has arrived) and right after it. Pairing keeps both sides on the same warm process and the
+    same minute of the machine: timed one after the other, the first epoch's allocations fell on the bundle
+    side only and minutes of drift on a shared VM moved the ratio by more than the overhead being measured.
+    Alternating the order cancels what the order itself does: on 2 CPU cores the step that ran right after
+    the other side's step ran 3-10 % faster (prostate, 64², batch 16: bundle ÷ hand 0.97-1.00 with every
+    hand step before, 1.11 with every one after). ``ratio_hand_before`` / ``ratio_hand_after`` report the two
+    halves. :class:`HandlerTimer` times the bundle's own handlers in the same iterations (``handlers_s``,
+    ``handlers_over_hand``, ``handlers`` by name). The hand steps update the same network and optimiser (the
+    training run is a benchmark, not a result).
     ``before_run``: config ids to evaluate first (as the bundle's ``run`` does, e.g. a transfer
     initialisation); ``hand(wf, trainer, device) -> step(batch)``: the hand-written step of a bundle whose
     iteration is not the plain one (default :func:`plain_hand_step`; :func:`kdas_hand_step`,
@@ -272,29 +334,64 @@ def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = 
     trainer.state.max_epochs = warmup_epochs + epochs
     device = wf.parser.get_parsed_content("device")
     steps = []  # the hand step, built when the run starts: MONAI's Trainer.run() creates the AMP scaler it copies
+    pairs: list[tuple[float, float, float, bool]] = []  # (bundle iteration, its handlers, hand iteration, before)
+    pending: list[float | None] = []  # this iteration's hand time when it ran before the bundle's iteration
+
+    def timed_iteration(engine) -> bool:
+        return engine.state.epoch > warmup_epochs and engine.state.batch is not None and \
+            batch_items(engine.state.batch) == batch_size
+
+    @trainer.on(Events.GET_BATCH_COMPLETED)  # attached before the timer's start: this hand step is outside its span
+    def hand_step_before(engine):
+        if timed_iteration(engine):
+            pending.append(steps[-1]() if len(pairs) % 2 == 0 else None)
+
     timer = IterationTimer(device)
     timer.attach(trainer)
-    pairs: list[tuple[float, float]] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def hand_step_after(engine):
+        record, handler_s = timer.records[-1], handlers.take()
+        if record["epoch"] <= warmup_epochs or record["images"] != batch_size:
+            return
+        before = pending.pop()
+        pairs.append((record["seconds"], handler_s, steps[-1]() if before is None else before, before is not None))
+
+    ours = [h for h, *_ in trainer._event_handlers[Events.ITERATION_COMPLETED][-2:]]  # timer.completed, hand_step_after
+    handlers = HandlerTimer(skip=ours)
 
     @trainer.on(Events.STARTED)
     def build_hand_step(engine):
         step = (hand or plain_hand_step)(wf, trainer, device)
         steps.append(hand_loop_step(step, trainer.data_loader, batch_size, device))
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def paired_hand_step(engine):
-        record = timer.records[-1]
-        if record["epoch"] <= warmup_epochs or record["images"] != batch_size:
-            return
-        pairs.append((record["seconds"], steps[-1]()))
+        handlers.wrap(engine)
 
     trainer.run()
     if not pairs:
         raise ValueError(f"no full batch of {batch_size}: use more data or a smaller batch")
-    b, h = (float(np.median(x)) for x in zip(*pairs))
+
+    def ratio(selected) -> float:
+        return float(np.median([p[0] for p in selected]) / np.median([p[2] for p in selected]))
+
+    b, hs, h = (float(np.median([p[i] for p in pairs])) for i in range(3))
     shape = tuple(next(full_batches(trainer.data_loader, batch_size))["image"].shape)
     return {"bundle_iter_s": b, "hand_iter_s": h, "ratio": b / h, "iters": len(pairs),
-            "pair_ratio_median": float(np.median([x / y for x, y in pairs])), "batch": shape}
+            "pair_ratio_median": float(np.median([p[0] / p[2] for p in pairs])), "batch": shape,
+            "ratio_hand_before": ratio([p for p in pairs if p[3]]), "ratio_hand_after": ratio([p for p in pairs if not p[3]]),
+            "handlers_s": hs, "handlers_over_hand": hs / h,
+            "handlers": {k: float(np.median(v)) for k, v in handlers.by_handler.items() if v},
+            "pairs": [list(p) for p in pairs]}
+
+
+def describe_training(r: dict) -> str:
+    """One line for a :func:`training_iteration_ratio` result: the ratio, its absolute figures and the handlers."""
+    parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(r["handlers"].items(), key=lambda kv: -kv[1]) if v >= 1e-4)
+    return (f"batch {r['batch']}: bundle iteration {r['bundle_iter_s']:.3f} s, hand-written loop {r['hand_iter_s']:.3f} s "
+            f"(medians of {r['iters']} pairs, hand steps right before and right after bundle iterations in turn) -> "
+            f"bundle / hand = {r['ratio']:.3f} (median of the pairs' ratios {r['pair_ratio_median']:.3f}; hand step "
+            f"before {r['ratio_hand_before']:.3f}, after {r['ratio_hand_after']:.3f}); the bundle's own handlers "
+            f"{r['handlers_s'] * 1e3:.1f} ms per iteration = {r['handlers_over_hand']:.3f} of the hand step "
+            f"(medians, ms: {parts})")
 
 
 def update_difference(wf, hand=None, iterations: int = 2, seed: int = 0) -> float:

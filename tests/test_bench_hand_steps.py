@@ -100,6 +100,43 @@ def test_hand_step_updates_the_weights_as_the_bundle_iteration_does(name, tmp_pa
             assert d < SAME, f"{name}: the {hand} hand step's update differs from the bundle iteration's: {found}"
 
 
+def test_training_ratio_times_the_bundle_handlers_and_leaves_them_out_of_the_hand_step():
+    """Known answer: a trainer whose handlers sleep 20 ms (ITERATION_COMPLETED) and 10 ms (MONAI's
+    MODEL_COMPLETED) per iteration; the bench attributes 30 ms to them, by name, on the bundle side only."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+    from bench_utils import describe_training, training_iteration_ratio
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+    from monai.engines.utils import IterationEvents
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    data = [{"image": torch.rand(4, 1, 16, 16), "label": torch.rand(4, 1, 16, 16)} for _ in range(3)]
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+                                optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=torch.nn.MSELoss())
+
+    def slow_logger(engine):
+        time.sleep(0.02)
+
+    def slow_postprocessing(engine):
+        time.sleep(0.01)
+
+    trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, slow_postprocessing)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, slow_logger)
+    parsed = {"train#trainer": trainer, "device": torch.device("cpu")}
+    wf = SimpleNamespace(parser=SimpleNamespace(get_parsed_content=parsed.__getitem__))
+    r = training_iteration_ratio(wf, 4, epochs=2)
+    assert r["iters"] == 6 and sum(before for *_, before in r["pairs"]) == 3  # hand steps before and after, in turn
+    assert r["handlers"]["slow_logger"] == pytest.approx(0.02, abs=0.008), r["handlers"]
+    assert r["handlers"]["slow_postprocessing"] == pytest.approx(0.01, abs=0.008), r["handlers"]
+    assert r["handlers_s"] == pytest.approx(0.03, abs=0.012)
+    assert r["hand_iter_s"] < 0.01 and r["bundle_iter_s"] > 0.028  # the sleeps are on the bundle side only
+    assert "slow_logger 2" in describe_training(r)
+
+
 if __name__ == "__main__":  # the worker: python test_bench_hand_steps.py <bundle> <out.json>
     sys.path.insert(0, str(ROOT / "scripts"))
     with tempfile.TemporaryDirectory() as work:
