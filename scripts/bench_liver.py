@@ -18,7 +18,7 @@ from pathlib import Path
 
 import fire
 import torch
-from bench_utils import training_iteration_ratio, workflow
+from bench_utils import describe_training, training_iteration_ratio, workflow
 from bundle_cli import BUNDLES, make_phantoms
 
 BUNDLE_ROOT = BUNDLES / "liver_ct_mri_transfer"
@@ -46,9 +46,7 @@ def main(image_size: int = 64, channels: tuple = (32, 64, 128, 256), batch_size:
         r = training_iteration_ratio(wf, batch_size, before_run=("train#transfer",))
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    print(f"[train] model {transfer}, batch {r['batch']}: bundle iteration {r['bundle_iter_s']:.3f} s, hand-written loop "
-          f"{r['hand_iter_s']:.3f} s (medians of {r['iters']} pairs, each hand step right after a bundle iteration) -> "
-          f"bundle / hand = {r['ratio']:.3f} (median of the pairs' ratios {r['pair_ratio_median']:.3f})")
+    print(f"[train] model {transfer}, {describe_training(r)}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import fire
 import numpy as np
 import torch
-from bench_utils import timeit, training_iteration_ratio, workflow
+from bench_utils import describe_training, timeit, training_iteration_ratio, workflow
 from bundle_cli import BUNDLES, make_phantoms
 
 BUNDLE_ROOT = BUNDLES / "prostate_mri_transfer"
@@ -157,9 +157,7 @@ def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int
                   f"new run on the warm disk cache {d['warm_disk_s']:.2f} s ({d['warm_ratio']:.3f} of epoch 1)")
         if "train" in parts:
             results["train"] = t = bench_training(work, data, image_size, encoder, batch_size)
-            print(f"[train]     batch {t['batch']}: bundle iteration {t['bundle_iter_s']:.3f} s, hand-written loop "
-                  f"{t['hand_iter_s']:.3f} s (medians of {t['iters']} pairs, each hand step right after a bundle iteration) -> "
-                  f"bundle / hand = {t['ratio']:.3f} (median of the pairs' ratios {t['pair_ratio_median']:.3f})")
+            print(f"[train]     {describe_training(t)}")
         if "infer" in parts:
             results["infer"] = i = bench_inference(work, data, image_size, encoder, repeat)
             print(f"[inference] one volume of {i['slices']} slices: bundle's {i['inferer']} {i['batched_s']:.3f} s, "
