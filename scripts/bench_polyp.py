@@ -169,7 +169,9 @@ def main(size: int = 352, batch_sizes: list[int] = (1, 16), repeat: int = 3, n_i
     torch.manual_seed(0)
     nets = {"student": PolypPVT("pvt_v2_b0").eval(), "teacher": PolypPVT("pvt_v2_b2").eval()}
     result: dict = {"device": "cpu", "threads": torch.get_num_threads(), "size": size}
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, cpu", flush=True)
+    train_device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # train.json's
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; networks and "
+          f"inference on cpu, training on {train_device}", flush=True)
     for name, net in nets.items() if "model" in parts else ():
         result[name] = {"parameters": sum(p.numel() for p in net.parameters()), "gmacs": gmacs(net, size)}
         print(f"{name}: {result[name]['parameters']:,} parameters, {result[name]['gmacs']:.2f} GMACs at {size}x{size}", flush=True)

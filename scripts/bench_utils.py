@@ -39,6 +39,12 @@ def workflow(bundle_dir: Path, config_files: list[str], **overrides):
     return wf
 
 
+def torch_device_type(device) -> str:
+    import torch
+
+    return torch.device(device).type
+
+
 def synchronize(device) -> None:
     """Wait for the device's queued work (CUDA kernels run asynchronously; wall times need it)."""
     import torch
@@ -100,13 +106,16 @@ class HandlerTimer:
     :meth:`wrap` replaces each handler attached to those events by a timed call of it (ignite keeps them as
     ``(handler, args, kwargs)`` in ``engine._event_handlers``); call it when the run starts, once every handler
     is attached. ``skip``: the benchmark's own handlers. The handlers' sum measures the bundle's per-iteration
-    overhead directly, without the noise of a difference of two whole iterations. The calls are not
-    synchronised (that would stall the bundle's side): on CUDA the figures are the host's time, and kernels a
-    handler queues run after it returns.
+    overhead directly, without the noise of a difference of two whole iterations; it is a lower bound of the
+    overhead (work a bundle does outside handlers, e.g. inside a custom iteration, is not in it). On CUDA an
+    untimed synchronisation runs before the MODEL_COMPLETED handlers, so that the first handler that waits for
+    the GPU (a loss ``.item()``) does not absorb the step's queued kernels; the handlers' own calls are not
+    synchronised (host time; kernels they queue run after they return), and the bundle's side loses the
+    overlap of its handlers with its queued kernels.
     """
 
-    def __init__(self, skip=()) -> None:
-        self.skip = tuple(skip)
+    def __init__(self, device="cpu", skip=()) -> None:
+        self.device, self.skip = device, tuple(skip)
         self.by_handler: dict[str, list[float]] = {}
         self._current = 0.0
 
@@ -119,6 +128,11 @@ class HandlerTimer:
             for i, (fn, args, kwargs) in enumerate(handlers):
                 if not any(fn is s for s in self.skip):
                     handlers[i] = (self._timed(fn, _handler_name(fn)), args, kwargs)
+        if torch_device_type(self.device) == "cuda":
+            engine._event_handlers[IterationEvents.MODEL_COMPLETED].insert(0, (self._synchronize, (), {}))
+
+    def _synchronize(self, *args) -> None:
+        synchronize(self.device)
 
     def _timed(self, fn, name: str):
         times = self.by_handler.setdefault(name, [])
@@ -157,16 +171,18 @@ def scaler_at(device, amp: bool, like=None):
     return torch.amp.GradScaler(torch.device(device).type, init_scale=scale, enabled=amp)
 
 
-def hand_step(network, loss_fn, optimizer, device, amp: bool = False, clip_norm: float | None = None, prepare=None,
-              scaler_like=None, set_to_none: bool = False):
+def hand_step(network, loss_fn, optimizer, device, amp: bool = False, clip_norm: float | None = None,
+              prepare_batch=None, scaler_like=None, set_to_none: bool = False):
     """A hand-written PyTorch training step: ``step(batch)`` moves the batch (a dict with ``image`` and ``label``,
     as the bundle's loader yields it) to ``device`` (as the trainer's ``prepare_batch`` does every iteration),
-    runs forward, loss, backward (through a GradScaler and ``torch.autocast`` with ``amp``), optional
-    gradient-norm clipping on the unscaled gradients, and the optimiser step.
+    runs forward, loss, backward (through a GradScaler, and ``torch.autocast`` with ``amp`` on CUDA: MONAI's
+    ``SupervisedTrainer`` autocasts there only), optional gradient-norm clipping on the unscaled gradients, and
+    the optimiser step.
 
-    ``prepare(x, y) -> (x, y)``: for a bundle that transforms its batch on the way in (one-hot labels);
-    ``scaler_like``: the trainer's GradScaler, whose current scale the step's own starts from (a fresh 2^16
-    would skip other steps than the trainer's); ``set_to_none``: as the trainer's ``optim_set_to_none``.
+    ``prepare_batch(batch, device) -> (x, y)``: instead of moving ``image`` and ``label``, for a bundle whose
+    trainer transforms its batch on the way in (one-hot labels); ``scaler_like``: the trainer's GradScaler,
+    whose current scale the step's own starts from (a fresh 2^16 would skip other steps than the trainer's);
+    ``set_to_none``: as the trainer's ``optim_set_to_none``.
     """
     import torch
 
@@ -174,12 +190,13 @@ def hand_step(network, loss_fn, optimizer, device, amp: bool = False, clip_norm:
     scaler = scaler_at(device, amp, scaler_like)
 
     def step(batch):
-        x, y = batch["image"].to(device), batch["label"].to(device)
-        if prepare is not None:
-            x, y = prepare(x, y)
+        if prepare_batch is None:
+            x, y = batch["image"].to(device), batch["label"].to(device)
+        else:
+            x, y = prepare_batch(batch, device)
         network.train()
         optimizer.zero_grad(set_to_none=set_to_none)
-        with torch.autocast(device_type, enabled=amp):
+        with torch.autocast(device_type, enabled=amp and device_type == "cuda"):
             loss = loss_fn(network(x), y)
         scaler.scale(loss).backward()
         if clip_norm is not None:
@@ -191,11 +208,11 @@ def hand_step(network, loss_fn, optimizer, device, amp: bool = False, clip_norm:
     return step
 
 
-def trainer_hand_step(trainer, device, clip_norm: float | None = None, prepare=None):
+def trainer_hand_step(trainer, device, clip_norm: float | None = None, prepare_batch=None):
     """:func:`hand_step` with a ``SupervisedTrainer``'s network, loss, optimiser, AMP setting, scaler and
     ``optim_set_to_none``."""
     return hand_step(trainer.network, trainer.loss_function, trainer.optimizer, device, amp=bool(trainer.amp),
-                     clip_norm=clip_norm, prepare=prepare, scaler_like=getattr(trainer, "scaler", None),
+                     clip_norm=clip_norm, prepare_batch=prepare_batch, scaler_like=getattr(trainer, "scaler", None),
                      set_to_none=trainer.optim_set_to_none)
 
 
@@ -211,13 +228,13 @@ def clipped_hand_step(wf, trainer, device):
 
 
 def prepared_hand_step(wf, trainer, device):
-    """:func:`trainer_hand_step` passing the batch through the trainer's own ``prepare_batch`` (the cardiac QC
-    autoencoder trains on one-hot labels that OneHotLabelBatch makes on the way in)."""
+    """:func:`trainer_hand_step` taking the loader's batch through the trainer's own ``prepare_batch`` (the cardiac
+    QC autoencoder trains on one-hot labels that OneHotLabelBatch makes on the way in, and moves to the device)."""
 
-    def prepare(x, y):
-        return trainer.prepare_batch({"image": x, "label": y}, x.device, False)[:2]
+    def prepare_batch(batch, device):
+        return trainer.prepare_batch(batch, device, trainer.non_blocking)[:2]
 
-    return trainer_hand_step(trainer, device, prepare=prepare)
+    return trainer_hand_step(trainer, device, prepare_batch=prepare_batch)
 
 
 def kdas_hand_step(wf, trainer, device):
@@ -312,13 +329,14 @@ def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = 
     (:class:`IterationTimer`: its batch's arrival to the end of the bundle's ITERATION_COMPLETED handlers) is
     paired with one hand-written iteration (:func:`hand_loop_step`: its next batch from the same loader, then
     the step, only the step timed), outside the bundle's span, run in turn right before the bundle's iteration
-    (once its batch has arrived) and right after it. Pairing keeps both sides on the same warm process and the
+    (before its batch is fetched, so that each side's step follows the loading of its own batch) and right
+    after it. Pairing keeps both sides on the same warm process and the
     same minute of the machine: timed one after the other, the first epoch's allocations fell on the bundle
     side only and minutes of drift on a shared VM moved the ratio by more than the overhead being measured.
-    Alternating the order cancels what the order itself does: on 2 CPU cores the step that ran right after
-    the other side's step ran 3-10 % faster (prostate, 64², batch 16: bundle ÷ hand 0.97-1.00 with every
-    hand step before, 1.11 with every one after). ``ratio_hand_before`` / ``ratio_hand_after`` report the two
-    halves. :class:`HandlerTimer` times the bundle's own handlers in the same iterations (``handlers_s``,
+    Alternating the order pools what the order itself does into both sides: on 2 CPU cores the step that ran
+    right after the other side's step ran 3-10 % faster (prostate, 64², batch 16: bundle ÷ hand 0.97-1.00
+    with every hand step before, 1.11 with every one after). ``ratio_hand_before`` / ``ratio_hand_after``
+    report the two halves. :class:`HandlerTimer` times the bundle's own handlers in the same iterations (``handlers_s``,
     ``handlers_over_hand``, ``handlers`` by name). The hand steps update the same network and optimiser (the
     training run is a benchmark, not a result).
     ``before_run``: config ids to evaluate first (as the bundle's ``run`` does, e.g. a transfer
@@ -335,30 +353,24 @@ def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = 
     device = wf.parser.get_parsed_content("device")
     steps = []  # the hand step, built when the run starts: MONAI's Trainer.run() creates the AMP scaler it copies
     pairs: list[tuple[float, float, float, bool]] = []  # (bundle iteration, its handlers, hand iteration, before)
-    pending: list[float | None] = []  # this iteration's hand time when it ran before the bundle's iteration
+    pending: list[float | None] = [None]  # the hand time of a step run before this iteration's batch was fetched
 
-    def timed_iteration(engine) -> bool:
-        return engine.state.epoch > warmup_epochs and engine.state.batch is not None and \
-            batch_items(engine.state.batch) == batch_size
-
-    @trainer.on(Events.GET_BATCH_COMPLETED)  # attached before the timer's start: this hand step is outside its span
+    @trainer.on(Events.GET_BATCH_STARTED)  # before the batch is fetched: each side follows the loading of its batch
     def hand_step_before(engine):
-        if timed_iteration(engine):
-            pending.append(steps[-1]() if len(pairs) % 2 == 0 else None)
+        pending[0] = steps[-1]() if engine.state.epoch > warmup_epochs and len(pairs) % 2 == 0 else None
 
     timer = IterationTimer(device)
     timer.attach(trainer)
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def hand_step_after(engine):
-        record, handler_s = timer.records[-1], handlers.take()
+        record, handler_s, before = timer.records[-1], handlers.take(), pending[0]
         if record["epoch"] <= warmup_epochs or record["images"] != batch_size:
-            return
-        before = pending.pop()
+            return  # a partial batch: a hand step run before it is not paired
         pairs.append((record["seconds"], handler_s, steps[-1]() if before is None else before, before is not None))
 
     ours = [h for h, *_ in trainer._event_handlers[Events.ITERATION_COMPLETED][-2:]]  # timer.completed, hand_step_after
-    handlers = HandlerTimer(skip=ours)
+    handlers = HandlerTimer(device, skip=ours)
 
     @trainer.on(Events.STARTED)
     def build_hand_step(engine):
@@ -371,6 +383,8 @@ def training_iteration_ratio(wf, batch_size: int, before_run: tuple[str, ...] = 
         raise ValueError(f"no full batch of {batch_size}: use more data or a smaller batch")
 
     def ratio(selected) -> float:
+        if not selected:  # a single pair has no 'after' half
+            return float("nan")
         return float(np.median([p[0] for p in selected]) / np.median([p[2] for p in selected]))
 
     b, hs, h = (float(np.median([p[i] for p in pairs])) for i in range(3))
@@ -423,6 +437,7 @@ def update_difference(wf, hand=None, iterations: int = 2, seed: int = 0) -> floa
     @trainer.on(Events.ITERATION_STARTED(once=1))
     def record_start(engine):  # after the STARTED handlers, which may set the weights (init, resume, transfer)
         start["net"], start["opt"] = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+        start["step"] = (hand or plain_hand_step)(wf, trainer, device)  # its GradScaler: the scale at the start
         torch.manual_seed(seed)
 
     trainer.data_loader = batches
@@ -432,7 +447,7 @@ def update_difference(wf, hand=None, iterations: int = 2, seed: int = 0) -> floa
     bundle = {k: v.detach().clone() for k, v in net.state_dict().items()}
     net.load_state_dict(start_net)
     opt.load_state_dict(start_opt)  # the optimiser's state and learning rate before the bundle's iterations
-    step = (hand or plain_hand_step)(wf, trainer, device)
+    step = start["step"]
     torch.manual_seed(seed)
     for batch in batches:
         step(batch)

@@ -179,7 +179,8 @@ class BundleCheck:
         def take_handler_time(engine):
             handler_s.append((engine.state.epoch, handlers.take()))
 
-        handlers = HandlerTimer(skip=[h for h, *_ in trainer._event_handlers[Events.ITERATION_COMPLETED][-2:]])
+        ours = [h for h, *_ in trainer._event_handlers[Events.ITERATION_COMPLETED][-2:]]  # timer, take_handler_time
+        handlers = HandlerTimer(self.device, skip=ours)
         trainer.add_event_handler(Events.STARTED, handlers.wrap)
         start = time.perf_counter()
         wf.run()
