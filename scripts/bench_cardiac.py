@@ -33,8 +33,8 @@ from pathlib import Path
 import fire
 import numpy as np
 import torch
-from bench_utils import (clipped_hand_step, describe_training, prepared_hand_step, timeit, training_iteration_ratio,
-                         workflow)
+from bench_utils import (clipped_hand_step, describe_training, prepared_hand_step, selected_parts, timeit,
+                         training_iteration_ratio, workflow)
 from bundle_cli import BUNDLES, make_phantoms
 
 BUNDLE = BUNDLES / "cardiac_qc_refinement"
@@ -80,10 +80,7 @@ def main(image_size: int = 256, slices: int = 10, m_best: int = 3, filters: list
         train_slices: slices per phantom SA stack.
         train_epochs: its timed epochs (after one warm-up epoch).
     """
-    parts = (parts,) if isinstance(parts, str) else tuple(parts)
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    parts = selected_parts(parts, PARTS)
     sys.path.insert(0, str(BUNDLE))
     torch.set_num_threads(threads)
     result = {"device": f"{platform.processor() or platform.machine()}, {threads} torch threads, torch {torch.__version__}"}

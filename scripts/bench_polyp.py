@@ -33,7 +33,7 @@ from pathlib import Path
 import fire
 import numpy as np
 import torch
-from bench_utils import describe_training, kdas_hand_step, timeit, training_iteration_ratio, workflow
+from bench_utils import describe_training, kdas_hand_step, selected_parts, timeit, training_iteration_ratio, workflow
 from bundle_cli import BUNDLES, make_phantoms
 
 BUNDLE = BUNDLES / "polyp_kdas_student"
@@ -159,10 +159,7 @@ def main(size: int = 352, batch_sizes: list[int] = (1, 16), repeat: int = 3, n_i
         train_epochs: its timed epochs (after one warm-up epoch).
         kd: its distillation (train.json's ``kd``: attention_sgm, attention_kl, none).
     """
-    parts = (parts,) if isinstance(parts, str) else tuple(parts)
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    parts = selected_parts(parts, PARTS)
     if threads:
         torch.set_num_threads(int(threads))
     PolypPVT = _net_module()

@@ -29,7 +29,7 @@ from pathlib import Path
 import fire
 import numpy as np
 import torch
-from bench_utils import describe_training, timeit, training_iteration_ratio, workflow
+from bench_utils import describe_training, selected_parts, timeit, training_iteration_ratio, workflow
 from bundle_cli import BUNDLES, make_phantoms
 
 BUNDLE_ROOT = BUNDLES / "prostate_mri_transfer"
@@ -136,10 +136,7 @@ def main(image_size: int = 64, encoder: str = "efficientnet-b3", batch_size: int
         phantom_shape: phantom volume shape for those benchmarks.
         parts: which of data, train, infer, n4 to run (e.g. ``--parts train,infer``).
     """
-    parts = (parts,) if isinstance(parts, str) else tuple(parts)
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    parts = selected_parts(parts, PARTS)
     torch.manual_seed(0)
     sys.path.insert(0, str(BUNDLE_ROOT))  # the bundle's scripts package, as the MONAI CLI would add it
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,6 +39,15 @@ def workflow(bundle_dir: Path, config_files: list[str], **overrides):
     return wf
 
 
+def selected_parts(parts, known: tuple[str, ...]) -> tuple[str, ...]:
+    """A bench's ``--parts`` (one name, or several: fire gives ``a,b`` as a tuple) checked against ``known``."""
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    unknown = set(parts) - set(known)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}: choose from {', '.join(known)}")
+    return parts
+
+
 def torch_device_type(device) -> str:
     import torch
 
